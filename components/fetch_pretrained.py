@@ -1,0 +1,134 @@
+"""fetch_pretrained: get pretrained weights from a model zoo URI, verify them, load them safely.
+
+    python -m components.fetch_pretrained --params params.yaml --out artifacts/pretrained
+
+URIs:  zoo/model.pt | file:///abs/model.pt     a local file
+       torchvision://resnet18?weights=IMAGENET1K_V1    torchvision's weights API; the file is
+           read from torch.hub's cache ($TORCH_HOME/hub/checkpoints/) or downloaded into it
+
+The SHA-256 of the fetched file is always recorded and checked when pretrained.sha256 pins it.
+Files are loaded with torch.load(weights_only=True): a pickle that would run code is refused.
+Writes weights.pt (checkpoint-v1: arch, class names, state dict) and pretrained.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import torch
+import torchvision
+
+from components import models
+from components.atomic import atomic_dir, atomic_file, sha256_file, write_json
+from components.config import PretrainedConfig, load_params
+
+
+class FetchError(ValueError):
+    """The weights could not be fetched or trusted; the message names the URI and why."""
+
+
+def _torchvision_file(uri: str, arch: str) -> tuple[Path, list[str] | None]:
+    parsed = urlparse(uri)
+    uri_arch = parsed.netloc
+    names = parse_qs(parsed.query).get("weights", [])
+    if len(names) != 1:
+        raise FetchError(f"pretrained.uri: {uri}: expected torchvision://<arch>?weights=<NAME>")
+    if uri_arch != arch:
+        raise FetchError(f"pretrained.uri names architecture '{uri_arch}' but pretrained.arch is '{arch}'")
+    try:
+        weights = torchvision.models.get_model_weights(uri_arch)[names[0]]
+    except (ValueError, KeyError) as err:
+        raise FetchError(f"pretrained.uri: {uri}: torchvision has no such weights ({err})") from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+    if not cached.exists():
+        try:
+            with atomic_file(cached) as tmp:  # a broken download never stays in the cache
+                torch.hub.download_url_to_file(weights.url, str(tmp), progress=True)
+        except Exception as err:
+            raise FetchError(f"pretrained.uri: {uri}: not in {cached.parent} and download of {weights.url} "
+                             f"failed ({type(err).__name__}: {err})") from None
+    return cached, list(weights.meta.get("categories") or []) or None
+
+
+def resolve(uri: str, arch: str) -> tuple[Path, list[str] | None]:
+    """Local path of the weights file for `uri`, and class names when the zoo knows them."""
+    if uri.startswith("torchvision://"):
+        return _torchvision_file(uri, arch)
+    if uri.startswith("file://"):
+        path = Path(uri[len("file://"):])
+    elif "://" in uri:
+        raise FetchError(f"pretrained.uri: {uri}: unsupported scheme (use a path, file:// or torchvision://)")
+    else:
+        path = Path(uri)
+    if not path.is_file():
+        raise FetchError(f"pretrained.uri: {uri}: no such file {path}")
+    return path, None
+
+
+def safe_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise FetchError(f"{path}: refused to load: the file holds more than tensors and plain data, "
+                         f"and unpickling it could run code ({str(err).splitlines()[0]})") from None
+    except Exception as err:
+        raise FetchError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+
+
+def unpack(obj: object, path: Path, arch: str) -> tuple[dict, list[str] | None]:
+    """State dict and class names from our checkpoint-v1, a plain state dict or a training checkpoint."""
+    if isinstance(obj, dict) and obj.get("format") == models.CHECKPOINT_FORMAT:
+        if obj["arch"] != arch:
+            raise FetchError(f"{path}: checkpoint is a '{obj['arch']}' but pretrained.arch is '{arch}'")
+        return obj["state_dict"], obj.get("class_names")
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return obj[key], None
+    raise FetchError(f"{path}: no state dict found (expected a dict of tensors)")
+
+
+def fetch(cfg: PretrainedConfig, out: str | Path) -> dict:
+    """Fetch, verify and safely load the weights of `cfg.uri`; write them to `out` as checkpoint-v1."""
+    path, class_names = resolve(cfg.uri, cfg.arch)
+    sha256 = sha256_file(path)
+    if cfg.sha256 and sha256 != cfg.sha256:
+        raise FetchError(f"pretrained.sha256 mismatch for {cfg.uri}: pinned {cfg.sha256}, file {path} has {sha256}")
+    state_dict, names_in_file = unpack(safe_load(path), path, cfg.arch)
+    num_classes = models.num_outputs(state_dict, cfg.arch)
+    models.load_weights(models.build(cfg.arch, num_classes), state_dict, cfg.arch)  # fail now, not in finetune
+    class_names = names_in_file or class_names
+    info = {
+        "uri": cfg.uri,
+        "sha256": sha256,
+        "size_bytes": path.stat().st_size,
+        "arch": cfg.arch,
+        "num_classes": num_classes,
+        "class_names": class_names,
+        "pinned": bool(cfg.sha256),
+    }
+    with atomic_dir(out) as tmp:
+        torch.save({"format": models.CHECKPOINT_FORMAT, "arch": cfg.arch, "class_names": class_names,
+                    "state_dict": state_dict}, tmp / "weights.pt")
+        write_json(tmp / "pretrained.json", info)
+    return info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="parameters file (section: pretrained)")
+    parser.add_argument("--out", required=True, help="folder for weights.pt and pretrained.json")
+    args = parser.parse_args(argv)
+    info = fetch(load_params(args.params).pretrained, args.out)
+    print(f"fetch_pretrained: {info['uri']} ({info['arch']}, {info['num_classes']} classes) sha256 {info['sha256']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Decoding image files the way every step sees them: RGB, upright, 8 bits a channel."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageOps
+
+# A declared size above this many pixels is treated as a decompression bomb.
+MAX_PIXELS = 89_478_485  # Pillow's own default limit
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB: transparency over white, 16-bit scaled, CMYK converted."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit greyscale: scale the integer range into 0..255 instead of clipping.
+        scale = 1 / 256 if img.mode.startswith("I;16") else 1 / 65536
+        img = img.point(lambda v: v * scale).convert("L")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def decode(data: bytes) -> Image.Image:
+    """Fully decode an encoded image into an upright RGB image, or raise ValueError saying why."""
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise ValueError(f"declared size {width}x{height} exceeds {MAX_PIXELS} pixels (decompression bomb)")
+            if getattr(img, "n_frames", 1) > 1:
+                raise ValueError(f"animated image with {img.n_frames} frames")
+            img.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise ValueError(f"decompression bomb: {err}") from None
+        except Image.UnidentifiedImageError:
+            raise ValueError("not a recognised image format") from None
+        except (OSError, SyntaxError) as err:
+            raise ValueError(f"truncated or corrupt image data ({err})") from None
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+def load_rgb(path) -> Image.Image:
+    with open(path, "rb") as f:
+        return decode(f.read())

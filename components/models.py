@@ -1,0 +1,135 @@
+"""torchvision architectures: building, loading weights, the output layer, freezing, serving.
+
+The output layer is found, not listed per architecture: it is the last nn.Linear in module
+order (resnet `fc`, mobilenet_v3 `classifier.3`, efficientnet `classifier.1`, vit `heads.head`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+CHECKPOINT_FORMAT = "finetune-pipeline/checkpoint-v1"
+
+
+class WeightsError(ValueError):
+    """Weights do not fit the requested architecture; the message lists what differs."""
+
+
+def build(arch: str, num_classes: int) -> nn.Module:
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise WeightsError(f"unknown torchvision classification architecture '{arch}'")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def head_name(model: nn.Module) -> str:
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise WeightsError(f"{type(model).__name__} has no nn.Linear output layer")
+    return names[-1]
+
+
+def num_outputs(state_dict: dict, arch: str) -> int:
+    """Class count of a state dict for `arch`, read from its output layer's weight."""
+    key = f"{head_name(build(arch, 2))}.weight"
+    if key not in state_dict:
+        raise WeightsError(f"weights have no '{key}': not a {arch} state dict")
+    return int(state_dict[key].shape[0])
+
+
+def load_weights(model: nn.Module, state_dict: dict, arch: str) -> None:
+    """Strict load; on mismatch, one error listing every missing, unexpected and mis-shaped layer."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: weights {tuple(state_dict[k].shape)} vs {arch} {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state_dict)) if tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                shown = items[:10] + ([f"... {len(items) - 10} more"] if len(items) > 10 else [])
+                parts.append(f"{title}: " + ", ".join(shown))
+        raise WeightsError(f"weights do not match architecture '{arch}': " + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def replace_head(model: nn.Module, num_classes: int) -> str:
+    """Swap the output layer for a freshly initialised one with `num_classes` outputs."""
+    name = head_name(model)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+    return name
+
+
+def freeze(model: nn.Module, patterns: list[str]) -> list[nn.Module]:
+    """Freeze every module whose name matches a pattern (with all its children).
+
+    Returns the frozen BatchNorm layers, which must stay in eval mode while training so
+    their running statistics do not move. A pattern that matches nothing is an error.
+    """
+    modules = dict(model.named_modules())
+    head = head_name(model)
+    frozen_bn = []
+    for pattern in patterns:
+        matched = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            top = ", ".join(n for n in modules if n and "." not in n)
+            raise WeightsError(f"finetune.freeze: pattern '{pattern}' matches no module; top-level modules: {top}")
+        if any(head == n or head.startswith(n + ".") for n in matched):
+            raise WeightsError(f"finetune.freeze: pattern '{pattern}' would freeze the output layer '{head}'")
+        for name in matched:
+            for m in modules[name].modules():
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(False)
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in frozen_bn:
+                    frozen_bn.append(m)
+    return frozen_bn
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "frozen": total - trainable, "total": total}
+
+
+class ServedClassifier(nn.Module):
+    """What the registry serves: uint8 images (N, H, W, 3) in, class probabilities out.
+
+    Preprocessing lives inside, so a served model resizes and normalises exactly as
+    evaluation did.
+    """
+
+    def __init__(self, net: nn.Module, image_size: int, mean, std, class_names: list[str]):
+        super().__init__()
+        self.net = net.eval()
+        self.image_size = image_size
+        self.class_names = list(class_names)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2)
+        x = TF.resize(x, [self.image_size], antialias=True)
+        x = TF.center_crop(x, [self.image_size, self.image_size])
+        x = (x.float() / 255.0 - self.mean) / self.std
+        return torch.softmax(self.net(x), dim=1)
+
+
+@torch.no_grad()
+def predict(net: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets for every batch of `loader`, in order, with the net in eval mode."""
+    was_training = net.training
+    net.eval()
+    logits, targets = [], []
+    for x, y in loader:
+        logits.append(net(x))
+        targets.append(y)
+    net.train(was_training)
+    return torch.cat(logits), torch.cat(targets)
