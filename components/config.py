@@ -114,6 +114,11 @@ class TrackingConfig(Section):
 
 class PipelineConfig(Section):
     image: str = Field(min_length=1)
+    finetune_cpu: str = Field(default="2", pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    finetune_memory: str = Field(default="8Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    finetune_gpus: int = Field(default=0, ge=0)
+    mlflow_config_map: str = "mlflow"
+    mlflow_secret: str = "mlflow-credentials"
 
 
 class Params(Section):

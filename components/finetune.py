@@ -61,8 +61,9 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig,
             m.eval()
         seen = correct = 0
         total_loss = 0.0
-        for x, y in tqdm(train_loader, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr,
-                         disable=None)  # batch bars on a terminal only:
+        batches = tqdm(train_loader, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr,
+                       disable=None)  # batch bars on a terminal only
+        for x, y in batches:
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
             loss = loss_fn(logits, y)

@@ -44,6 +44,8 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[st
         "per_class_recall": {c: float(r) for c, r in zip(class_names, recall)},
         "per_class_precision": {c: float(p) for c, p in zip(class_names, precision)},
         "num_test_images": int(len(y_true)),
+        "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels).tolist(),  # rows: actual
+        "class_names": list(class_names),
     }
 
 

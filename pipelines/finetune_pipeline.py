@@ -1,0 +1,169 @@
+"""The Kubeflow DAG: the six steps of components/, as lightweight components on the project's image.
+
+    python -m pipelines compile      # writes pipelines/finetune_pipeline.yaml
+    python -m pipelines run-local    # runs this DAG on this machine through kfp.local
+
+Each component body only unpacks Kubeflow's inputs, calls the step's function from components/
+and describes the result for the Kubeflow UI. The defaults of every pipeline parameter are the
+sections of params.yaml, baked in at compile time, so DVC and Kubeflow start from the same values.
+(No `from __future__ import annotations` here: the KFP SDK reads the real type annotations.)
+"""
+
+from pathlib import Path
+
+from kfp import dsl, kubernetes
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+from components.config import load_params
+
+PARAMS = load_params(Path(__file__).resolve().parent.parent / "params.yaml")
+IMAGE = PARAMS.pipeline.image
+PIPELINE_NAME = "finetune-image-classifier"
+
+
+def _defaults(section) -> dict:
+    return section.model_dump(mode="json", by_alias=True)
+
+
+# ---- components ---------------------------------------------------------------------------
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def data_op(source: str, params: dict, dataset: Output[Dataset], report: Output[Markdown]):
+    """Validate and split the ImageFolder dataset at `source`."""
+    from pathlib import Path
+
+    from components.config import DataConfig, parse_section
+    from components.data import prepare
+    from pipelines.views import data_report_markdown
+
+    cfg = parse_section(DataConfig, {**params, "source": source}, "data")
+    result = prepare(source, dataset.path, cfg)
+    dataset.metadata.update({"fingerprint": result["fingerprint"], "num_images": result["num_images"],
+                             "classes": result["classes"], "source": source})
+    Path(report.path).write_text(data_report_markdown(result))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def augment_op(dataset: Input[Dataset], params: dict, policy: Output[Artifact], preview: Output[HTML]):
+    """Build the augmentation policy and its preview grid."""
+    from pathlib import Path
+
+    from components.augment import augment
+    from components.config import AugmentConfig, parse_section
+    from pipelines.views import png_html
+
+    augment(dataset.path, policy.path, parse_section(AugmentConfig, params, "augment"))
+    Path(preview.path).write_text(png_html("Augmentation: originals and draws of the policy",
+                                           Path(policy.path) / "preview.png"))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def fetch_pretrained_op(params: dict, weights: Output[Model]):
+    """Fetch, checksum and safely load the pretrained weights."""
+    from components.config import PretrainedConfig, parse_section
+    from components.fetch_pretrained import fetch
+
+    info = fetch(parse_section(PretrainedConfig, params, "pretrained"), weights.path)
+    weights.metadata.update({k: info[k] for k in ("uri", "sha256", "arch", "num_classes")})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def finetune_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input[Model], params: dict,
+                model: Output[Model], metrics: Output[Metrics], curves: Output[HTML]):
+    """Fine-tune with frozen layers and early stopping on validation loss."""
+    from pathlib import Path
+
+    from components.config import FinetuneConfig, parse_section
+    from components.finetune import finetune
+    from pipelines.views import png_html
+
+    summary = finetune(dataset.path, policy.path, weights.path, model.path,
+                       parse_section(FinetuneConfig, params, "finetune"))
+    model.metadata.update({"arch": summary["arch"], "best_epoch": summary["best_epoch"]})
+    for key in ("best_epoch", "epochs_run", "best_val_loss", "best_val_accuracy"):
+        metrics.log_metric(key, summary[key])
+    Path(curves.path).write_text(png_html("Training curves", Path(model.path) / "training_curves.png"))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def validate_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input[Model], model: Input[Model],
+                params: dict, experiment: str, pipeline_run_id: str, reports: Output[Artifact],
+                metrics: Output[Metrics], confusion: Output[ClassificationMetrics],
+                decision: Output[Markdown]) -> bool:
+    """Test-split metrics and the gate; logs the MLflow run. Returns whether the gate passed."""
+    import json
+    from pathlib import Path
+
+    from components.config import ValidateConfig, parse_section
+    from components.tracking import log_pipeline_run
+    from components.validate import validate
+    from pipelines.views import gate_markdown
+
+    gate = validate(dataset.path, model.path, reports.path, parse_section(ValidateConfig, params, "validate"))
+    run = log_pipeline_run(dataset.path, policy.path, weights.path, model.path, reports.path, experiment,
+                           runner="kfp", pipeline_run_id=pipeline_run_id)
+    result = json.loads((Path(reports.path) / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "min_class_recall"):
+        metrics.log_metric(key, result[key])
+    confusion.log_confusion_matrix(result["class_names"], result["confusion_matrix"])
+    reports.metadata.update({"mlflow_run_id": run["run_id"], "passed": gate["passed"]})
+    Path(decision.path).write_text(gate_markdown(gate, run))
+    return bool(gate["passed"])
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def register_op(reports: Input[Artifact], params: dict, registration: Output[Artifact]) -> int:
+    """Register the validated model and point the alias at it. Returns the version."""
+    from components.config import RegisterConfig, parse_section
+    from components.register import register
+
+    result = register(reports.path, registration.path, parse_section(RegisterConfig, params, "register"))
+    registration.metadata.update(result)
+    return int(result["version"])
+
+
+# ---- pipeline -----------------------------------------------------------------------------
+
+def _with_mlflow(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """MLflow's address from a ConfigMap and its credentials from a Secret, never from parameters."""
+    kubernetes.use_config_map_as_env(task, PARAMS.pipeline.mlflow_config_map,
+                                     {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
+    kubernetes.use_secret_as_env(task, PARAMS.pipeline.mlflow_secret, {
+        "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+        "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+        "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL",
+    }, optional=True)
+    return task.set_caching_options(False)  # writes to MLflow: never skip it as a cache hit
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune a pretrained image classifier; register it in "
+              "MLflow when it passes validation.")
+def finetune_pipeline(
+    data_source: str = PARAMS.data.source,
+    data: dict = _defaults(PARAMS.data),
+    augment: dict = _defaults(PARAMS.augment),
+    pretrained: dict = _defaults(PARAMS.pretrained),
+    finetune: dict = _defaults(PARAMS.finetune),
+    validate: dict = _defaults(PARAMS.gate),
+    register: dict = _defaults(PARAMS.registry),
+    experiment: str = PARAMS.tracking.experiment,
+):
+    data_task = data_op(source=data_source, params=data).set_display_name("data")
+    augment_task = augment_op(dataset=data_task.outputs["dataset"], params=augment).set_display_name("augment")
+    fetch_task = fetch_pretrained_op(params=pretrained).set_display_name("fetch_pretrained")
+    finetune_task = finetune_op(dataset=data_task.outputs["dataset"], policy=augment_task.outputs["policy"],
+                                weights=fetch_task.outputs["weights"], params=finetune).set_display_name("finetune")
+    finetune_task.set_cpu_request(PARAMS.pipeline.finetune_cpu).set_cpu_limit(PARAMS.pipeline.finetune_cpu)
+    finetune_task.set_memory_request(PARAMS.pipeline.finetune_memory)
+    finetune_task.set_memory_limit(PARAMS.pipeline.finetune_memory)
+    if PARAMS.pipeline.finetune_gpus:
+        finetune_task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(PARAMS.pipeline.finetune_gpus)
+    validate_task = _with_mlflow(validate_op(
+        dataset=data_task.outputs["dataset"], policy=augment_task.outputs["policy"],
+        weights=fetch_task.outputs["weights"], model=finetune_task.outputs["model"], params=validate,
+        experiment=experiment, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)).set_display_name("validate")
+    with dsl.If(validate_task.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
+        _with_mlflow(register_op(reports=validate_task.outputs["reports"], params=register)).set_display_name(
+            "register")
