@@ -33,7 +33,9 @@ def make_loaders(dataset_dir, policy: AugmentConfig, cfg: FinetuneConfig, class_
     generator = torch.Generator().manual_seed(cfg.seed)
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                   persistent_workers=cfg.num_workers > 0)
-    return (torch.utils.data.DataLoader(train, shuffle=True, generator=generator, **common),
+    # drop_last: a last batch of one image would break BatchNorm in training mode
+    return (torch.utils.data.DataLoader(train, shuffle=True, generator=generator,
+                                        drop_last=len(train) > cfg.batch_size, **common),
             torch.utils.data.DataLoader(val, shuffle=False, **common))
 
 

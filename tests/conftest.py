@@ -1,0 +1,128 @@
+"""Shared fixtures: small real datasets, checkpoints, and a real MLflow server on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_imagefolder(root: Path, counts: dict[str, int], size: int = 16, seed: int = 0) -> Path:
+    """Learnable RGB images: each class a bright bar at its own row, plus noise."""
+    rng = np.random.default_rng(seed)
+    for k, (label, n) in enumerate(counts.items()):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            row = (k * size) // len(counts)
+            img[row: row + max(2, size // len(counts) // 2), :, :] = 255 - rng.integers(0, 40)
+            Image.fromarray(img).save(root / label / f"img-{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_imagefolder(tmp_path / "raw", {"circle": 30, "square": 30, "triangle": 30})
+
+
+@pytest.fixture
+def params():
+    from components.config import load_params
+
+    return load_params(ROOT / "params.yaml")
+
+
+def save_checkpoint(path: Path, arch: str, class_names: list[str], seed: int = 0) -> Path:
+    """A zoo checkpoint (checkpoint-v1) of a randomly initialised torchvision model."""
+    import torch
+
+    from components import models
+
+    torch.manual_seed(seed)
+    net = models.build(arch, len(class_names))
+    torch.save({"format": models.CHECKPOINT_FORMAT, "arch": arch, "class_names": class_names,
+                "state_dict": net.state_dict()}, path)
+    return path
+
+
+POLICY = {"image_size": 16, "resize_scale": (0.9, 1.0), "hflip": 0.0, "preview_images": 2}
+
+
+@pytest.fixture
+def artifacts(image_folder, tmp_path) -> Path:
+    """data, augment and fetch_pretrained outputs: a 3-class task and a 4-class source model."""
+    from components.augment import augment
+    from components.config import AugmentConfig, DataConfig, PretrainedConfig
+    from components.data import prepare
+    from components.fetch_pretrained import fetch
+
+    prepare(image_folder, tmp_path / "data", DataConfig(source=str(image_folder), workers=1))
+    augment(tmp_path / "data", tmp_path / "aug", AugmentConfig(**POLICY))
+    zoo = save_checkpoint(tmp_path / "zoo.pt", "resnet18", ["w", "x", "y", "z"])
+    fetch(PretrainedConfig(uri=str(zoo), arch="resnet18"), tmp_path / "pre")
+    return tmp_path
+
+
+@pytest.fixture
+def trained(artifacts) -> Path:
+    """`artifacts` plus a model fine-tuned for a few epochs in artifacts/"model"."""
+    from components.config import FinetuneConfig
+    from components.finetune import finetune
+
+    finetune(artifacts / "data", artifacts / "aug", artifacts / "pre", artifacts / "model",
+             FinetuneConfig(freeze=["conv1", "bn1"], lr=0.01, batch_size=16, max_epochs=4, patience=4))
+    return artifacts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend, local artifact store) on loopback, stopped by process group."""
+    home = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+         "--artifacts-destination", str(home / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(home / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

@@ -1,0 +1,47 @@
+import pytest
+import yaml
+
+from components.config import ConfigError, DataConfig, load_params, parse_section
+from conftest import ROOT
+
+
+def _write(tmp_path, mutate) -> str:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    mutate(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_repository_params_yaml_is_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.registry.alias == "champion"
+    assert params.gate.min_accuracy > 0
+
+
+def test_bad_value_is_rejected_naming_file_and_key(tmp_path):
+    path = _write(tmp_path, lambda p: p["finetune"].update(lr=-1))
+    with pytest.raises(ConfigError, match=r"params.yaml: finetune.lr: .*greater than 0"):
+        load_params(path)
+
+
+def test_unknown_key_is_rejected_with_its_name(tmp_path):
+    path = _write(tmp_path, lambda p: p["augment"].update(flip=0.5))
+    with pytest.raises(ConfigError, match=r"augment.flip: Extra inputs are not permitted"):
+        load_params(path)
+
+
+def test_missing_section_is_named(tmp_path):
+    path = _write(tmp_path, lambda p: p.pop("validate"))
+    with pytest.raises(ConfigError, match=r"validate: Field required"):
+        load_params(path)
+
+
+def test_fractions_that_leave_no_training_data_are_rejected():
+    with pytest.raises(ConfigError, match=r"data: .*val_fraction \+ test_fraction"):
+        parse_section(DataConfig, {"source": "x", "val_fraction": 0.5, "test_fraction": 0.45}, "data")
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: file not found"):
+        load_params(tmp_path / "nope.yaml")
