@@ -1,78 +1,44 @@
-"""python -m pipelines compile | run-local
+"""python -m pipelines compile | run-local | schedule
 
-    compile     write the compiled pipeline spec (pipelines/finetune_pipeline.yaml by default)
-    run-local   run the whole DAG on this machine through kfp.local (lightweight components run
-                as subprocesses in this Python environment); same MLflow store as `dvc repro`
+    compile     write pipelines/finetune_pipeline.yaml (a test fails when it is stale)
+    run-local   run the whole DAG on this machine through kfp.local; lightweight components run as
+                subprocesses in this Python environment and log to the same MLflow store as DVC
+    schedule    create a recurring run of the compiled pipeline on a Kubeflow Pipelines server
 """
 
-from __future__ import annotations
-
 import argparse
-import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-COMPILED = ROOT / "pipelines" / "finetune_pipeline.yaml"
-
-
-def compile_pipeline(out: Path = COMPILED) -> Path:
-    from kfp import compiler
-
-    from pipelines.finetune_pipeline import finetune_pipeline
-
-    compiler.Compiler().compile(finetune_pipeline, str(out))
-    return out
-
-
-def _local_path(value: str, what: str) -> str:
-    """Paths in params.yaml are relative to the repository; kfp.local needs them absolute."""
-    path = Path(value) if Path(value).is_absolute() else ROOT / value
-    if not path.exists():
-        raise SystemExit(f"{what}: {path} does not exist (for the demo, run `make demo-inputs` first)")
-    return str(path)
-
-
-def run_local(params_file: Path, pipeline_root: Path) -> dict:
-    """Run the DAG with every section of `params_file` through kfp.local; returns the task outputs."""
-    import kfp.local
-
-    from components.config import load_params
-    from pipelines.finetune_pipeline import finetune_pipeline
-
-    params = load_params(params_file)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
-    pretrained = params.pretrained.model_dump(mode="json")
-    if "://" not in pretrained["uri"] or pretrained["uri"].startswith("file://"):
-        pretrained["uri"] = _local_path(pretrained["uri"].removeprefix("file://"), "pretrained.uri")
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
-    run = finetune_pipeline(
-        data_source=_local_path(params.data.source, "data.source"),
-        data=params.data.model_dump(mode="json"),
-        augment=params.augment.model_dump(mode="json"),
-        pretrained=pretrained,
-        finetune=params.finetune.model_dump(mode="json"),
-        validate=params.gate.model_dump(mode="json"),
-        register=params.registry.model_dump(mode="json"),
-        experiment=params.tracking.experiment,
-    )
-    return run
+from pipelines import finetune_pipeline as fp
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     comp = sub.add_parser("compile", help="write the compiled pipeline YAML")
-    comp.add_argument("--out", type=Path, default=COMPILED, help="where to write it")
+    comp.add_argument("--out", type=Path, default=fp.COMPILED, help="where to write it")
     local = sub.add_parser("run-local", help="run the DAG on this machine through kfp.local")
-    local.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="parameters file")
-    local.add_argument("--pipeline-root", type=Path, default=ROOT / "local_outputs",
+    local.add_argument("--params", type=Path, default=fp.ROOT / "params.yaml", help="parameters file")
+    local.add_argument("--pipeline-root", type=Path, default=fp.ROOT / "local_outputs",
                        help="where kfp.local keeps the artifacts")
+    sched = sub.add_parser("schedule", help="recurring run on a Kubeflow Pipelines server")
+    sched.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow")
+    sched.add_argument("--cron", default="0 0 3 * * *", help="KFP cron (with seconds): daily at 03:00 by default")
+    sched.add_argument("--name", default="finetune-nightly", help="recurring run name")
+    sched.add_argument("--experiment", default="finetune", help="KFP experiment to file the runs under")
+    sched.add_argument("--data-source", help="override the pipeline's data_source parameter")
     args = parser.parse_args(argv)
     if args.command == "compile":
-        print(f"compiled {compile_pipeline(args.out)}")
+        print(f"compiled {fp.compile_pipeline(args.out)}")
+    elif args.command == "run-local":
+        fp.run_local(args.params, args.pipeline_root)
     else:
-        run_local(args.params, args.pipeline_root)
+        import kfp
+
+        params = {"data_source": args.data_source} if args.data_source else {}
+        job = fp.schedule(kfp.Client(host=args.host), args.cron, args.name, args.experiment, params=params)
+        print(f"scheduled {args.name} ({args.cron}): recurring run {job.recurring_run_id}")
     return 0
 
 

@@ -167,3 +167,53 @@ def finetune_pipeline(
     with dsl.If(validate_task.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
         _with_mlflow(register_op(reports=validate_task.outputs["reports"], params=register)).set_display_name(
             "register")
+
+
+# ---- compile, run locally, schedule -------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPILED = ROOT / "pipelines" / "finetune_pipeline.yaml"
+
+
+def compile_pipeline(out: Path = COMPILED) -> Path:
+    from kfp import compiler
+
+    compiler.Compiler().compile(finetune_pipeline, str(out))
+    return out
+
+
+def _existing_path(value: str, what: str) -> str:
+    """Paths in params.yaml are relative to the repository; kfp.local needs them absolute."""
+    path = Path(value) if Path(value).is_absolute() else ROOT / value
+    if not path.exists():
+        raise SystemExit(f"{what}: {path} does not exist (for the demo, run `make demo-inputs` first)")
+    return str(path)
+
+
+def run_local(params_file: Path, pipeline_root: Path):
+    """Run the DAG with every section of `params_file` through kfp.local, in this Python environment."""
+    import os
+
+    import kfp.local
+
+    params = load_params(params_file)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")  # the store DVC runs use
+    pretrained = _defaults(params.pretrained)
+    if "://" not in pretrained["uri"] or pretrained["uri"].startswith("file://"):
+        pretrained["uri"] = _existing_path(pretrained["uri"].removeprefix("file://"), "pretrained.uri")
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
+    return finetune_pipeline(
+        data_source=_existing_path(params.data.source, "data.source"), data=_defaults(params.data),
+        augment=_defaults(params.augment), pretrained=pretrained, finetune=_defaults(params.finetune),
+        validate=_defaults(params.gate), register=_defaults(params.registry), experiment=params.tracking.experiment)
+
+
+def schedule(client, cron: str, job_name: str, experiment: str, package: Path = COMPILED,
+             params: dict | None = None):
+    """A recurring run of the compiled pipeline on a Kubeflow Pipelines server (`client`: kfp.Client)."""
+    exp = client.create_experiment(name=experiment)
+    return client.create_recurring_run(
+        experiment_id=exp.experiment_id, job_name=job_name, cron_expression=cron,
+        pipeline_package_path=str(package), params=params or {},
+        max_concurrency=1,  # two trainings racing for the champion alias help nobody
+        no_catchup=True)    # after downtime, run once, not once per missed slot

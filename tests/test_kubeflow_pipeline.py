@@ -1,0 +1,122 @@
+"""The compiled Kubeflow spec, checked as the SDK's own tests do, and the DAG run through kfp.local."""
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import yaml
+
+from components.demo_zoo import export_digits
+from conftest import ROOT, save_checkpoint
+
+COMPILED = ROOT / "pipelines" / "finetune_pipeline.yaml"
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compiled") / "pipeline.yaml"
+    subprocess.run([sys.executable, "-m", "pipelines", "compile", "--out", str(out)], check=True, cwd=ROOT)
+    return list(yaml.safe_load_all(out.read_text()))
+
+
+def test_compiled_yaml_in_the_repository_is_current(spec):
+    # Compared as data: the SDK's header comment lists dict defaults in no fixed order.
+    assert list(yaml.safe_load_all(COMPILED.read_text())) == spec, \
+        "pipelines/finetune_pipeline.yaml is stale: run `make compile` and commit it"
+
+
+def test_pipeline_defaults_are_the_sections_of_params_yaml(spec, params):
+    inputs = spec[0]["root"]["inputDefinitions"]["parameters"]
+    assert inputs["data_source"]["defaultValue"] == params.data.source
+    assert inputs["finetune"]["defaultValue"]["freeze"] == params.finetune.freeze
+    assert inputs["validate"]["defaultValue"]["min_accuracy"] == params.gate.min_accuracy
+    assert inputs["register"]["defaultValue"]["model_name"] == params.registry.model_name
+
+
+def test_register_runs_only_under_the_gate_condition(spec):
+    dag = spec[0]["root"]["dag"]["tasks"]
+    assert "register-op" not in dag
+    condition = dag["condition-1"]
+    assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--validate-op-Output'] == true"
+    assert "register-op" in spec[0]["components"]["comp-condition-1"]["dag"]["tasks"]
+
+
+def test_tasks_with_side_effects_are_never_cached_and_get_mlflow_settings_from_the_cluster(spec, params):
+    validate = spec[0]["root"]["dag"]["tasks"]["validate-op"]
+    register = spec[0]["components"]["comp-condition-1"]["dag"]["tasks"]["register-op"]
+    assert validate["cachingOptions"] == {} and register["cachingOptions"] == {}  # enableCaching false is omitted
+    assert spec[0]["root"]["dag"]["tasks"]["finetune-op"]["cachingOptions"] == {"enableCache": True}
+    executors = spec[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in ("exec-validate-op", "exec-register-op"):
+        assert executors[name]["configMapAsEnv"][0]["configMapName"] == params.pipeline.mlflow_config_map
+        secret_env = {e["envVar"] for e in executors[name]["secretAsEnv"][0]["keyToEnv"]}
+        assert {"MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY"} <= secret_env
+
+
+def test_every_component_runs_on_the_project_image_with_finetune_resources(spec, params):
+    executors = spec[0]["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {params.pipeline.image}
+    resources = executors["exec-finetune-op"]["container"]["resources"]
+    assert resources["cpuLimit"] == float(params.pipeline.finetune_cpu)
+    assert all("pip install" not in " ".join(e["container"]["command"]) for e in executors.values())
+
+
+def test_schedule_creates_one_recurring_run_without_catch_up(tmp_path):
+    """No Kubeflow Pipelines API server can run here, so this records the calls made to a stand-in client."""
+    from pipelines.finetune_pipeline import schedule
+
+    calls = []
+
+    class StandInClient:
+        def create_experiment(self, name):
+            calls.append(("experiment", name))
+            return type("Experiment", (), {"experiment_id": "exp-1"})()
+
+        def create_recurring_run(self, **kwargs):
+            calls.append(("recurring", kwargs))
+            return type("Job", (), {"recurring_run_id": "job-1"})()
+
+    schedule(StandInClient(), "0 0 3 * * *", "nightly", "finetune", params={"data_source": "s3://b/p"})
+    assert calls[0] == ("experiment", "finetune")
+    kwargs = calls[1][1]
+    assert kwargs["experiment_id"] == "exp-1" and kwargs["cron_expression"] == "0 0 3 * * *"
+    assert kwargs["pipeline_package_path"] == str(COMPILED)
+    assert kwargs["max_concurrency"] == 1 and kwargs["no_catchup"] is True
+    assert kwargs["params"] == {"data_source": "s3://b/p"}
+
+
+@pytest.mark.e2e
+def test_kfp_local_run_registers_only_when_the_gate_passes(tmp_path, mlflow_server, monkeypatch, params):
+    """The whole DAG through kfp.local, logging to a real MLflow server."""
+    from pipelines.finetune_pipeline import run_local
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    export_digits([5, 6, 7], tmp_path / "digits")
+    zoo = save_checkpoint(tmp_path / "zoo.pt", "resnet18", ["0", "1", "2", "3"])
+    raw = params.model_dump(mode="json", by_alias=True)
+    raw["data"]["source"] = str(tmp_path / "digits")
+    raw["pretrained"]["uri"] = str(zoo)
+    raw["augment"].update(image_size=16, preview_images=2)
+    raw["finetune"].update(max_epochs=2, freeze=["conv1", "bn1"])
+    raw["register"]["model_name"] = "kfp-local-digits"
+    raw["tracking"]["experiment"] = "kfp-local"
+
+    raw["validate"].update(min_accuracy=1.0, min_macro_f1=1.0, min_class_recall=1.0)  # 2 epochs: never perfect
+    (tmp_path / "fail.yaml").write_text(yaml.safe_dump(raw))
+    run_local(tmp_path / "fail.yaml", tmp_path / "outputs-fail")
+    mlflow.set_tracking_uri(mlflow_server)
+    client = mlflow.MlflowClient()
+    assert client.search_model_versions("name = 'kfp-local-digits'") == []
+
+    raw["validate"].update(min_accuracy=0.3, min_macro_f1=0.0, min_class_recall=0.0)
+    (tmp_path / "pass.yaml").write_text(yaml.safe_dump(raw))
+    run_local(tmp_path / "pass.yaml", tmp_path / "outputs-pass")
+    version = client.get_model_version_by_alias("kfp-local-digits", "champion")
+    run = client.get_run(version.run_id)
+    assert run.data.tags["pipeline_runner"] == "kfp"
+    assert run.data.tags["kfp_run_id"] == version.tags["pipeline_run_id"] != ""
+    assert run.data.params["finetune.max_epochs"] == "2"  # arrived through Kubeflow as a float, logged as set
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
+    runs = client.search_runs([client.get_experiment_by_name("kfp-local").experiment_id])
+    assert sorted(r.data.tags["gate_passed"] for r in runs) == ["false", "true"]
