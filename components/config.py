@@ -101,11 +101,24 @@ class ValidateConfig(Section):
     min_accuracy: float = Field(default=0.0, ge=0.0, le=1.0)
     min_macro_f1: float = Field(default=0.0, ge=0.0, le=1.0)
     min_class_recall: float = Field(default=0.0, ge=0.0, le=1.0)
+    compare_with_champion: bool = True
+    champion_margin: float = Field(default=0.01, ge=0.0, le=1.0)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    bootstrap_samples: int = Field(default=2000, ge=100)
+    seed: int = 0
 
 
 class RegisterConfig(Section):
     model_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     alias: str = Field(default="champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    challenger_alias: str = Field(default="challenger", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    promotion: Literal["auto", "manual"] = "auto"
+
+    @model_validator(mode="after")
+    def _aliases_differ(self):
+        if self.alias == self.challenger_alias:
+            raise ValueError("alias and challenger_alias must differ")
+        return self
 
 
 class TrackingConfig(Section):

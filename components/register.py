@@ -1,34 +1,42 @@
-"""register: put a model that passed validation into the MLflow model registry and move its alias.
+"""register: put a model that passed validation into the MLflow model registry and move the aliases.
 
     python -m components.register --params params.yaml --validation artifacts/validate \
         --out artifacts/registration.json
 
-Registers nothing when the gate failed: it records why on the run and in registration.json.
-A retry of the same run reuses the version it registered before instead of adding another.
+Nothing is registered when the gate failed; the run and registration.json say why. A passing
+version gets `register.challenger_alias`; with `register.promotion: auto` it also gets
+`register.alias`, but only if that alias still points where validate read it (compare-and-set
+under the registry lock), so two pipelines finishing together never promote a model that was
+compared with a champion that is no longer there. A retry of the same run reuses its version.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from components.atomic import read_json, write_json
 from components.config import RegisterConfig, load_params
+from components.registry import current_version, promotion_lock
 from components.tracking import tracking_uri
 
 # Run tags copied onto the model version, so the registry alone says where a model came from.
 LINEAGE_TAGS = ("git_commit", "data_fingerprint", "data_source", "pretrained_uri", "pretrained_sha256",
-                "pipeline_runner", "pipeline_run_id")
+                "pipeline_runner", "pipeline_run_id", "params_hash")
+
+
+def _champion_seen(gate: dict) -> str | None:
+    """The champion version validate compared against (None: there was none)."""
+    champion = gate.get("champion") or {}
+    return champion.get("champion_version")
 
 
 def register(validation_dir, out, cfg: RegisterConfig) -> dict:
     """Register the validated model of `validation_dir`'s run (only if its gate passed)."""
     import mlflow
 
-    validation_dir = Path(validation_dir)
-    gate = read_json(validation_dir / "gate.json")
-    run = read_json(validation_dir / "run.json")
+    gate = read_json(f"{validation_dir}/gate.json")
+    run = read_json(f"{validation_dir}/run.json")
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
 
@@ -39,18 +47,33 @@ def register(validation_dir, out, cfg: RegisterConfig) -> dict:
         write_json(out, result)
         return result
 
-    existing = client.search_model_versions(f"name = '{cfg.model_name}' and run_id = '{run['run_id']}'")
-    if existing:  # a retry of this run: keep the version it already made
-        version = existing[0]
-    else:
-        run_tags = client.get_run(run["run_id"]).data.tags
-        tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
-        tags["gate_passed"] = "true"
-        version = mlflow.register_model(run["model_uri"], cfg.model_name, tags=tags)
-        # register_model from a logged-model URI links the version to the run that logged it
-    client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)
-    client.set_tag(run["run_id"], "registration", f"{cfg.model_name} v{version.version} @{cfg.alias}")
-    result = {"registered": True, "name": cfg.model_name, "version": int(version.version), "alias": cfg.alias,
+    with promotion_lock(client, cfg.model_name):
+        existing = client.search_model_versions(f"name = '{cfg.model_name}' and run_id = '{run['run_id']}'")
+        if existing:  # a retry of this run: keep the version it already made
+            version = str(existing[0].version)
+        else:
+            run_tags = client.get_run(run["run_id"]).data.tags
+            tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
+            tags["gate"] = "passed"
+            version = str(mlflow.register_model(run["model_uri"], cfg.model_name, tags=tags).version)
+        client.set_registered_model_alias(cfg.model_name, cfg.challenger_alias, version)
+
+        seen, now = _champion_seen(gate), current_version(client, cfg.model_name, cfg.alias)
+        if now == version:
+            promoted, promotion = True, f"already @{cfg.alias}"
+        elif cfg.promotion == "manual":
+            promoted, promotion = False, f"register.promotion is manual: @{cfg.challenger_alias} only"
+        elif now == seen:
+            client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
+            promoted, promotion = True, f"@{cfg.alias} moved from {f'v{seen}' if seen else 'nobody'}"
+        else:
+            promoted, promotion = False, (f"not promoted: @{cfg.alias} moved from "
+                                          f"{f'v{seen}' if seen else 'nobody'} to v{now} after validation")
+        client.set_model_version_tag(cfg.model_name, version, "promotion", promotion)
+
+    client.set_tag(run["run_id"], "registration", f"{cfg.model_name} v{version}: {promotion}")
+    result = {"registered": True, "name": cfg.model_name, "version": int(version), "promoted": promoted,
+              "promotion": promotion, "aliases": [cfg.challenger_alias] + ([cfg.alias] if promoted else []),
               "run_id": run["run_id"], "reused_existing_version": bool(existing)}
     write_json(out, result)
     return result
@@ -64,7 +87,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     result = register(args.validation, args.out, load_params(args.params).registry)
     if result["registered"]:
-        print(f"register: {result['name']} version {result['version']} is now @{result['alias']}")
+        print(f"register: {result['name']} version {result['version']} ({result['promotion']})")
     else:
         print(f"register: nothing registered ({result['reason']})")
     return 0

@@ -7,6 +7,8 @@ without it runs go to a SQLite store in the working directory (mlflow.db, git-ig
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import time
@@ -45,16 +47,12 @@ def log_pipeline_run(dataset_dir, augment_dir, pretrained_dir, model_dir, valida
     Writes `validate_dir`/run.json ({run_id, model_uri, ...}) for the register step; returns it.
     """
     import mlflow
-    import numpy as np
     import torch
     from mlflow.entities import Metric
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
-    from components import models
+    from components import serving
     from components.atomic import read_json, write_json
     from components.dataset import read_split
-    from components.images import load_rgb
 
     dataset_dir, augment_dir, pretrained_dir = Path(dataset_dir), Path(augment_dir), Path(pretrained_dir)
     model_dir, validate_dir = Path(model_dir), Path(validate_dir)
@@ -77,6 +75,7 @@ def log_pipeline_run(dataset_dir, augment_dir, pretrained_dir, model_dir, valida
     }
     tags = {
         **git_state(),
+        "params_hash": hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest(),
         "data_fingerprint": report["fingerprint"],
         "data_source": report["source"],
         "pretrained_uri": pretrained["uri"],
@@ -94,20 +93,16 @@ def log_pipeline_run(dataset_dir, augment_dir, pretrained_dir, model_dir, valida
     history_metrics = [Metric(key, float(row[key]), now, row["epoch"])
                        for row in history for key in row if key != "epoch"]
     test_metrics = {"test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
-                    "test_min_class_recall": metrics["min_class_recall"],
+                    "test_min_class_recall": metrics["min_class_recall"], "test_ece": metrics["ece"],
                     **{f"test_recall_{c}": r for c, r in metrics["per_class_recall"].items()},
                     "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
                     "trainable_parameters": summary["parameters"]["trainable"]}
 
-    net = models.build(ckpt["arch"], len(ckpt["class_names"]))
-    models.load_weights(net, ckpt["state_dict"], ckpt["arch"])
-    prep = ckpt["preprocessing"]
-    served = models.ServedClassifier(net, prep["image_size"], prep["mean"], prep["std"], ckpt["class_names"])
-    size = prep["image_size"]
-    example = np.stack([np.asarray(load_rgb(p).resize((size, size))) for p, _ in read_split(dataset_dir, "test")[:2]])
-    # Any image size goes in (the model resizes), so height and width stay open in the signature.
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(ckpt["class_names"])))]))
+    if gate.get("champion") and "lower_bound" in gate["champion"]:
+        test_metrics.update({"champion_accuracy": gate["champion"]["champion_accuracy"],
+                             "accuracy_difference_lower_bound": gate["champion"]["lower_bound"],
+                             "mcnemar_p_value": gate["champion"]["mcnemar_p_value"]})
+    examples = [p for p, _ in read_split(dataset_dir, "test")[:2]]
 
     source_name = Path(report["source"].rstrip("/")).name
     run_name = f"{ckpt['arch']} {Path(pretrained['uri']).name} -> {source_name} ({report['fingerprint'][:8]})"
@@ -119,18 +114,15 @@ def log_pipeline_run(dataset_dir, augment_dir, pretrained_dir, model_dir, valida
         client.log_batch(run.info.run_id, metrics=history_metrics)
         mlflow.log_metrics(test_metrics)
         mlflow.log_input(_dataset_input(report), context="training")
-        for path, folder in ((dataset_dir / "report.json", "data"), (augment_dir / "policy.json", "augment"),
-                             (augment_dir / "preview.png", "augment"), (pretrained_dir / "pretrained.json", "pretrained"),
-                             (model_dir / "history.json", "finetune"), (model_dir / "summary.json", "finetune"),
-                             (model_dir / "training_curves.png", "finetune"), (validate_dir / "metrics.json", "validate"),
-                             (validate_dir / "gate.json", "validate"), (validate_dir / "predictions.csv", "validate"),
-                             (validate_dir / "confusion_matrix.png", "validate")):
-            mlflow.log_artifact(str(path), artifact_path=folder)
-        info = mlflow.pytorch.log_model(
-            served, name=MODEL_ARTIFACT, signature=signature, input_example=example,
-            code_paths=[str(Path(models.__file__).parent)],
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                              f"torchvision=={__import__('torchvision').__version__.split('+')[0]}"])
+        for folder, paths in (("data", [dataset_dir / "report.json"]),
+                              ("augment", [augment_dir / "policy.json", augment_dir / "preview.png"]),
+                              ("pretrained", [pretrained_dir / "pretrained.json"]),
+                              ("finetune", [model_dir / n for n in ("history.json", "summary.json",
+                                                                    "training_curves.png")]),
+                              ("validate", sorted(p for p in validate_dir.iterdir() if p.name != "run.json"))):
+            for path in paths:
+                mlflow.log_artifact(str(path), artifact_path=folder)
+        info = serving.log_model(model_dir / "model.pt", examples, name=MODEL_ARTIFACT)
     result = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "model_uri": info.model_uri,
               "run_name": run_name}
     write_json(validate_dir / "run.json", result)

@@ -1,10 +1,13 @@
-"""validate: test-split metrics, a pass/fail gate, and the MLflow run that records the whole pipeline.
+"""validate: test-split metrics, the gate (thresholds and the current champion), and the MLflow run.
 
     python -m components.validate --params params.yaml --data data/prepared --augment artifacts/augment \
         --pretrained artifacts/pretrained --model artifacts/model --out artifacts/validate
 
-Writes metrics.json, gate.json (the decision and every check behind it), predictions.csv,
-confusion_matrix.png, and run.json (the MLflow run id that register promotes from).
+The model is evaluated as it will be served (components.serving: uint8 images in, its own
+preprocessing inside), and so is the champion, on the same images. Writes metrics.json,
+gate.json (the decision and every check behind it), per_class.csv, predictions.csv,
+calibration.csv, confusion_matrix.png, reliability.png, misclassified.png, and run.json
+(the MLflow run that register promotes from).
 """
 
 from __future__ import annotations
@@ -12,25 +15,23 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn import metrics as skm
+from tqdm import tqdm
 
-from components import models, tracking
 from components.atomic import atomic_dir, write_json
-from components.augment import eval_transform
-from components.config import AugmentConfig, ValidateConfig, load_params
-from components.dataset import ImageSplit
+from components.compare import paired_comparison
+from components.config import RegisterConfig, ValidateConfig, load_params
+from components.dataset import read_split
+from components.images import load_rgb
+from components.serving import ImageClassifier
 
-
-def load_model(model_dir) -> tuple[torch.nn.Module, dict]:
-    """The fine-tuned network in eval mode, and its checkpoint (class names, preprocessing...)."""
-    ckpt = torch.load(Path(model_dir) / "model.pt", map_location="cpu", weights_only=True)
-    net = models.build(ckpt["arch"], len(ckpt["class_names"]))
-    models.load_weights(net, ckpt["state_dict"], ckpt["arch"])
-    return net.eval(), ckpt
+CHUNK = 256          # test images decoded at a time: memory stays flat on large test sets
+BINS = 10            # reliability diagram bins
+WORST = 16           # misclassified images shown
 
 
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> dict:
@@ -49,22 +50,131 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[st
     }
 
 
-def decide(metrics: dict, cfg: ValidateConfig) -> dict:
-    """Pass only when every threshold holds; each check is kept so a failure says which and by how much."""
+def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = BINS) -> tuple[float, list[dict]]:
+    """Expected calibration error and the reliability table (equal-width confidence bins)."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            conf, acc = float(confidence[mask].mean()), float(correct[mask].mean())
+            ece += mask.mean() * abs(acc - conf)
+            table.append({"bin_low": float(edges[b]), "bin_high": float(edges[b + 1]), "confidence": conf,
+                          "accuracy": acc, "count": int(mask.sum())})
+    return float(ece), table
+
+
+def decide(metrics: dict, cfg: ValidateConfig, comparison: dict | None = None) -> dict:
+    """Pass only when every threshold holds and the champion comparison (if any) passed."""
     checks = [
         {"name": name, "value": metrics[name], "threshold": threshold, "passed": metrics[name] >= threshold}
         for name, threshold in (("accuracy", cfg.min_accuracy), ("macro_f1", cfg.min_macro_f1),
                                 ("min_class_recall", cfg.min_class_recall))
     ]
     reasons = [f"{c['name']} {c['value']:.4f} < {c['threshold']}" for c in checks if not c["passed"]]
-    return {"passed": not reasons, "checks": checks, "reasons": reasons, "config": cfg.model_dump(mode="json")}
+    if comparison and comparison.get("passed") is False:
+        reasons.append(f"worse than champion v{comparison['champion_version']}: accuracy difference lower bound "
+                       f"{comparison['lower_bound']:.4f} < -{comparison['margin']} "
+                       f"(at {comparison['confidence']:.0%} confidence)")
+    return {"passed": not reasons, "checks": checks, "reasons": reasons, "champion": comparison,
+            "config": cfg.model_dump(mode="json")}
 
 
-def save_confusion_matrix(y_true, y_pred, class_names: list[str], path: Path) -> None:
+def find_champion(registry: RegisterConfig) -> dict | None:
+    """The model `registry.alias` points at now: {version, run_id, model}, or None if there is none.
+
+    The champion's weights are loaded from its checkpoint with weights_only=True and today's
+    code, never by unpickling the code it was logged with.
+    """
+    import mlflow
+
+    from components.registry import current_version
+    from components.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    version = current_version(client, registry.model_name, registry.alias)
+    if version is None:
+        return None
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.model_name}/{version}"))
+    return {"version": version, "run_id": client.get_model_version(registry.model_name, version).run_id,
+            "model": ImageClassifier.from_checkpoint(next(local.glob("artifacts/*.pt")))}
+
+
+def _compare(champion: dict | None, challenger: ImageClassifier, correct: np.ndarray,
+             champion_correct: np.ndarray | None, cfg: ValidateConfig) -> dict | None:
+    if not cfg.compare_with_champion:
+        return {"skipped": "validate.compare_with_champion is false"}
+    if champion is None:
+        return {"skipped": "no champion yet: the thresholds alone decide"}
+    if champion["model"].class_names != challenger.class_names:
+        return {"skipped": f"champion v{champion['version']} has classes {champion['model'].class_names}, "
+                           f"the challenger {challenger.class_names}: not comparable",
+                "champion_version": champion["version"]}
+    result = paired_comparison(correct, champion_correct, cfg.champion_margin, cfg.confidence,
+                               cfg.bootstrap_samples, cfg.seed)
+    return {"champion_version": champion["version"], "champion_run_id": champion["run_id"], **result}
+
+
+def validate(dataset_dir, model_dir, out, cfg: ValidateConfig, champion: dict | None = None) -> dict:
+    """Evaluate on the test split, compare with `champion` (from find_champion), decide, write reports."""
+    challenger = ImageClassifier.from_checkpoint(Path(model_dir) / "model.pt")
+    class_names = challenger.class_names
+    index = {c: i for i, c in enumerate(class_names)}
+    test = read_split(dataset_dir, "test")
+    comparable = champion is not None and champion["model"].class_names == class_names
+    probs, champion_pred = [], []
+    for start in tqdm(range(0, len(test), CHUNK), desc="validate", unit="chunk", file=sys.stderr, disable=None):
+        images = [np.asarray(load_rgb(path)) for path, _ in test[start:start + CHUNK]]
+        probs.append(challenger.predict_proba(images))
+        if comparable:
+            champion_pred.append(champion["model"].predict_proba(images).argmax(1))
+    probs = np.concatenate(probs)
+    y_true = np.array([index[label] for _, label in test])
+    y_pred, confidence = probs.argmax(1), probs.max(1)
+    correct = y_pred == y_true
+
+    result = compute_metrics(y_true, y_pred, class_names)
+    result["ece"], reliability = calibration(confidence, correct)
+    comparison = _compare(champion, challenger, correct,
+                          np.concatenate(champion_pred) == y_true if comparable else None, cfg)
+    gate = decide(result, cfg, comparison)
+    rel_paths = [Path(p).relative_to(dataset_dir).as_posix() for p, _ in test]
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "metrics.json", result)
+        write_json(tmp / "gate.json", gate)
+        _write_csv(tmp / "predictions.csv", ["path", "actual", "predicted", "confidence"],
+                   [[p, class_names[t], class_names[q], f"{c:.4f}"]
+                    for p, t, q, c in zip(rel_paths, y_true, y_pred, confidence)])
+        _write_csv(tmp / "per_class.csv", ["class", "precision", "recall", "support"],
+                   [[c, f"{result['per_class_precision'][c]:.4f}", f"{result['per_class_recall'][c]:.4f}",
+                     int((y_true == i).sum())] for i, c in enumerate(class_names)])
+        _write_csv(tmp / "calibration.csv", list(reliability[0]), [list(r.values()) for r in reliability])
+        save_confusion_matrix(y_true, y_pred, class_names, tmp / "confusion_matrix.png")
+        save_reliability(reliability, result["ece"], tmp / "reliability.png")
+        worst = [i for i in np.argsort(-confidence) if not correct[i]][:WORST]
+        save_misclassified([(test[i][0], class_names[y_true[i]], class_names[y_pred[i]], confidence[i])
+                            for i in worst], tmp / "misclassified.png")
+    return gate
+
+
+def _write_csv(path: Path, header: list, rows: list) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def save_confusion_matrix(y_true, y_pred, class_names: list[str], path: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(class_names), 1 + 0.6 * len(class_names)))
     skm.ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=list(range(len(class_names))),
                                                 display_labels=class_names, ax=ax, colorbar=False)
@@ -74,33 +184,44 @@ def save_confusion_matrix(y_true, y_pred, class_names: list[str], path: Path) ->
     plt.close(fig)
 
 
-def validate(dataset_dir, model_dir, out, cfg: ValidateConfig) -> dict:
-    """Evaluate the model on the test split and decide pass/fail; write the reports to `out`."""
-    net, ckpt = load_model(model_dir)
-    class_names, prep = ckpt["class_names"], ckpt["preprocessing"]
-    transform = eval_transform(AugmentConfig(image_size=prep["image_size"], mean=prep["mean"], std=prep["std"]))
-    test = ImageSplit(dataset_dir, "test", transform, class_names)
-    logits, targets = models.predict(net, torch.utils.data.DataLoader(test, batch_size=128))
-    probs = torch.softmax(logits, 1)
-    y_true, y_pred = targets.numpy(), probs.argmax(1).numpy()
-    result = compute_metrics(y_true, y_pred, class_names)
-    gate = decide(result, cfg)
-    with atomic_dir(out) as tmp:
-        write_json(tmp / "metrics.json", result)
-        write_json(tmp / "gate.json", gate)
-        with open(tmp / "predictions.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "actual", "predicted", "confidence"])
-            for (path, _), t, p, conf in zip(test.items, y_true, y_pred, probs.max(1).values.tolist()):
-                writer.writerow([Path(path).relative_to(dataset_dir).as_posix(), class_names[t], class_names[p],
-                                 f"{conf:.4f}"])
-        save_confusion_matrix(y_true, y_pred, class_names, tmp / "confusion_matrix.png")
-    return gate
+def save_reliability(table: list[dict], ece: float, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+    ax.bar([r["bin_low"] for r in table], [r["accuracy"] for r in table], width=1 / BINS, align="edge",
+           edgecolor="black", alpha=0.7, label="accuracy in bin")
+    ax.set_xlabel("confidence"), ax.set_ylabel("accuracy"), ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+    ax.set_title(f"reliability (ECE {ece:.3f})")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_misclassified(items: list[tuple], path: Path) -> None:
+    """The most confident mistakes: (path, true label, predicted label, confidence) each."""
+    plt = _pyplot()
+    cols = 4
+    rows = max(1, -(-len(items) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (img_path, actual, predicted, conf) in zip(axes.flat, items):
+        ax.imshow(load_rgb(img_path))
+        ax.set_title(f"true {actual}\npred {predicted} ({conf:.2f})", fontsize=8)
+    if not items:
+        axes[0][0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
+    from components import tracking
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="parameters file (sections: validate, tracking)")
+    parser.add_argument("--params", default="params.yaml",
+                        help="parameters file (sections: validate, register for the champion, tracking)")
     parser.add_argument("--data", required=True, help="dataset artifact from components.data")
     parser.add_argument("--augment", required=True, help="policy folder from components.augment")
     parser.add_argument("--pretrained", required=True, help="weights folder from components.fetch_pretrained")
@@ -108,9 +229,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="folder for metrics, gate decision and run.json")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    gate = validate(args.data, args.model, args.out, params.gate)
+    champion = find_champion(params.registry) if params.gate.compare_with_champion else None
+    gate = validate(args.data, args.model, args.out, params.gate, champion)
     run = tracking.log_pipeline_run(args.data, args.augment, args.pretrained, args.model, args.out,
-                                    params.tracking.experiment, runner="dvc")
+                                    params.tracking.experiment, runner="dvc",
+                                    pipeline_run_id=f"dvc-{uuid.uuid4().hex[:12]}")
     print(f"validate: {'PASSED' if gate['passed'] else 'FAILED: ' + '; '.join(gate['reasons'])}; "
           f"MLflow run {run['run_id']}")
     return 0

@@ -87,23 +87,27 @@ def finetune_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def validate_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input[Model], model: Input[Model],
-                params: dict, experiment: str, pipeline_run_id: str, reports: Output[Artifact],
+                params: dict, register: dict, experiment: str, pipeline_run_id: str, reports: Output[Artifact],
                 metrics: Output[Metrics], confusion: Output[ClassificationMetrics],
                 decision: Output[Markdown]) -> bool:
-    """Test-split metrics and the gate; logs the MLflow run. Returns whether the gate passed."""
+    """Test-split metrics and the gate against thresholds and the champion; logs the MLflow run.
+    Returns whether the gate passed."""
     import json
     from pathlib import Path
 
-    from components.config import ValidateConfig, parse_section
+    from components.config import RegisterConfig, ValidateConfig, parse_section
     from components.tracking import log_pipeline_run
-    from components.validate import validate
+    from components.validate import find_champion, validate
     from pipelines.views import gate_markdown
 
-    gate = validate(dataset.path, model.path, reports.path, parse_section(ValidateConfig, params, "validate"))
+    cfg = parse_section(ValidateConfig, params, "validate")
+    champion = find_champion(parse_section(RegisterConfig, register, "register")) if cfg.compare_with_champion \
+        else None
+    gate = validate(dataset.path, model.path, reports.path, cfg, champion)
     run = log_pipeline_run(dataset.path, policy.path, weights.path, model.path, reports.path, experiment,
                            runner="kfp", pipeline_run_id=pipeline_run_id)
     result = json.loads((Path(reports.path) / "metrics.json").read_text())
-    for key in ("accuracy", "macro_f1", "min_class_recall"):
+    for key in ("accuracy", "macro_f1", "min_class_recall", "ece"):
         metrics.log_metric(key, result[key])
     confusion.log_confusion_matrix(result["class_names"], result["confusion_matrix"])
     reports.metadata.update({"mlflow_run_id": run["run_id"], "passed": gate["passed"]})
@@ -163,7 +167,7 @@ def finetune_pipeline(
     validate_task = _with_mlflow(validate_op(
         dataset=data_task.outputs["dataset"], policy=augment_task.outputs["policy"],
         weights=fetch_task.outputs["weights"], model=finetune_task.outputs["model"], params=validate,
-        experiment=experiment, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)).set_display_name("validate")
+        register=register, experiment=experiment, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)).set_display_name("validate")
     with dsl.If(validate_task.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
         _with_mlflow(register_op(reports=validate_task.outputs["reports"], params=register)).set_display_name(
             "register")

@@ -32,4 +32,18 @@ def gate_markdown(gate: dict, run: dict) -> str:
              "| check | value | threshold | passed |", "|---|---|---|---|"]
     for c in gate["checks"]:
         lines.append(f"| {c['name']} | {c['value']:.4f} | {c['threshold']} | {'yes' if c['passed'] else 'no'} |")
+    champion = gate.get("champion") or {}
+    if "skipped" in champion:
+        lines += ["", f"Champion comparison skipped: {champion['skipped']}."]
+    elif champion:
+        lines += ["", f"#### Against champion v{champion['champion_version']} ({champion['n']} paired test images)",
+                  "", "| | value |", "|---|---|",
+                  f"| challenger accuracy | {champion['challenger_accuracy']:.4f} |",
+                  f"| champion accuracy | {champion['champion_accuracy']:.4f} |",
+                  f"| difference, {champion['confidence']:.0%} lower bound (paired bootstrap) | "
+                  f"{champion['lower_bound']:.4f} (margin -{champion['margin']}) |",
+                  f"| only challenger right / only champion right | {champion['only_challenger_correct']} / "
+                  f"{champion['only_champion_correct']} |",
+                  f"| McNemar exact p-value | {champion['mcnemar_p_value']:.4g} |",
+                  f"| not worse than champion | {'yes' if champion['passed'] else 'no'} |"]
     return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
 """`dvc repro` of the whole pipeline, demo stages included, in a temporary copy of the repository."""
 
+import json
 import os
 import re
 import shutil
@@ -18,13 +19,17 @@ pytestmark = pytest.mark.e2e
 STAGES = ["demo_digits", "demo_zoo", "data", "augment", "fetch_pretrained", "finetune", "validate", "register"]
 
 
-def _repro(repo: Path) -> list[str]:
-    """Run `dvc repro`; return the names of the stages that ran."""
+def _dvc(repo: Path, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the default local store
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"   # `python` in dvc.yaml = this venv
-    proc = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    proc = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return re.findall(r"Running stage '([^']+)'", proc.stdout)
+    return proc.stdout
+
+
+def _repro(repo: Path) -> list[str]:
+    """Run `dvc repro`; return the names of the stages that ran."""
+    return re.findall(r"Running stage '([^']+)'", _dvc(repo, "repro"))
 
 
 def _set_params(repo: Path, mutate) -> None:
@@ -48,7 +53,8 @@ def repo(tmp_path_factory) -> Path:
         p["demo"]["epochs"] = 1
         p["augment"]["preview_images"] = 2
         p["finetune"]["max_epochs"] = 2
-        p["validate"].update(min_accuracy=0.3, min_macro_f1=0.0, min_class_recall=0.0)
+        # the champion comparison runs, but a 2-epoch model may lose to the last one: any loss is allowed
+        p["validate"].update(min_accuracy=0.3, min_macro_f1=0.0, min_class_recall=0.0, champion_margin=1.0)
 
     _set_params(dest, tiny)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
@@ -83,5 +89,11 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_parameter_touches(
     assert len(client.search_runs([experiment])) == 2
     assert int(client.get_model_version_by_alias("digits-5-9-resnet18", "champion").version) == 2
 
-    metrics = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo, capture_output=True, text=True)
-    assert '"accuracy"' in metrics.stdout
+    gate = yaml.safe_load((repo / "artifacts" / "validate" / "gate.json").read_text())
+    assert gate["champion"]["champion_version"] == "1" and "lower_bound" in gate["champion"]
+
+    metrics = _dvc(repo, "metrics", "show", "--json")
+    assert '"accuracy"' in metrics and '"ece"' in metrics
+    shown = set(json.loads(_dvc(repo, "plots", "show", "--json"))["data"])
+    assert {"loss", "accuracy", "confusion", "calibration", "artifacts/validate/reliability.png",
+            "artifacts/validate/misclassified.png", "artifacts/augment/preview.png"} <= shown

@@ -4,6 +4,7 @@ import json
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
 from components.config import FinetuneConfig, RegisterConfig, ValidateConfig
@@ -79,15 +80,19 @@ def test_passing_model_is_registered_with_alias_and_lineage_and_a_retry_adds_no_
     assert {"validate/confusion_matrix.png", "augment/preview.png", "finetune/training_curves.png"} <= artifacts
 
 
-def test_champion_loads_as_pyfunc_and_predicts_image_files(tracked):
+def test_champion_loads_as_pyfunc_and_predicts_class_names_for_a_folder_of_image_files(tracked):
     _validate_and_log(tracked, ValidateConfig(), "test-register-pyfunc")
     register(tracked / "val", tracked / "registration.json", RegisterConfig(model_name="shapes-pyfunc"))
     model = mlflow.pyfunc.load_model("models:/shapes-pyfunc@champion")
-    files = sorted((tracked / "raw" / "square").glob("*.png"))[:3]
-    batch = np.stack([np.asarray(load_rgb(f)) for f in files])  # raw uint8 images; the model preprocesses
-    probs = model.predict(batch)
-    assert probs.shape == (3, 3)
-    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    evaluated = pd.read_csv(tracked / "val" / "predictions.csv")  # what validate measured
+    files = [tracked / "data" / p for p in evaluated["path"]]
+    out = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))  # raw file bytes
+    assert list(out.columns) == ["label", "confidence"] and len(out) == len(files)
+    assert list(out["label"]) == list(evaluated["predicted"])  # the served model is the evaluated one
+    assert np.allclose(out["confidence"], evaluated["confidence"], atol=1e-4)
+    # decoded uint8 images, in-process (the served signature takes bytes)
+    decoded = model.unwrap_python_model().predict(None, [np.asarray(load_rgb(f)) for f in files[:3]])
+    assert list(decoded["label"]) == list(out["label"][:3])
 
 
 def test_failed_gate_registers_nothing_and_records_why(artifacts, mlflow_server, monkeypatch):

@@ -1,0 +1,107 @@
+"""The model as the registry serves it: image files in, class names out.
+
+An MLflow pyfunc whose input (and signature) is a column `image` of encoded image bytes (PNG,
+JPEG, ... as read from a file, or base64 in a serving request). In-process, a list of decoded
+uint8 RGB images works too: `mlflow.pyfunc.load_model(uri).unwrap_python_model().predict(None, images)`. Decoding, resizing and
+normalisation happen inside, exactly as validate measured them, so a served model sees what
+the evaluated one saw. The weights travel as the checkpoint (loaded with weights_only=True).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+BATCH = 64
+
+
+def _decoded(model_input) -> list[np.ndarray]:
+    from components.images import decode
+
+    if hasattr(model_input, "columns"):  # pandas DataFrame from pyfunc / model serving
+        if "image" not in model_input.columns:
+            raise ValueError(f"expected a column 'image' of encoded image bytes, got {list(model_input.columns)}")
+        values = list(model_input["image"])
+    else:
+        values = list(model_input)
+    images = []
+    for i, value in enumerate(values):
+        if isinstance(value, (bytes, bytearray)):
+            images.append(np.asarray(decode(bytes(value))))
+        else:
+            array = np.asarray(value)
+            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+                raise ValueError(f"image {i}: expected encoded bytes or a uint8 (H, W, 3) array, "
+                                 f"got {array.dtype} {array.shape}")
+            images.append(array)
+    return images
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        self._load(context.artifacts["checkpoint"])
+
+    def _load(self, checkpoint: str | Path) -> None:
+        import torch
+
+        from components import models
+
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        net = models.build(ckpt["arch"], len(ckpt["class_names"]))
+        models.load_weights(net, ckpt["state_dict"], ckpt["arch"])
+        prep = ckpt["preprocessing"]
+        self.class_names = list(ckpt["class_names"])
+        self.module = models.ServedClassifier(net, prep["image_size"], prep["mean"], prep["std"], self.class_names)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path) -> "ImageClassifier":
+        model = cls()
+        model._load(checkpoint)
+        return model
+
+    def predict_proba(self, images: list[np.ndarray]) -> np.ndarray:
+        """Class probabilities, one row per image, in input order; same-size images share a batch."""
+        import torch
+
+        out = np.zeros((len(images), len(self.class_names)), dtype=np.float32)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, img in enumerate(images):
+            by_shape.setdefault(img.shape, []).append(i)
+        with torch.no_grad():
+            for indices in by_shape.values():
+                for start in range(0, len(indices), BATCH):
+                    chunk = indices[start:start + BATCH]
+                    batch = torch.from_numpy(np.stack([images[i] for i in chunk]))
+                    out[chunk] = self.module(batch).numpy()
+        return out
+
+    def predict(self, context, model_input, params=None):  # noqa: D102 (pyfunc API; no type hints: the
+        # signature below describes the input, and hints would make MLflow coerce it differently)
+        import pandas as pd
+
+        probs = self.predict_proba(_decoded(model_input))
+        best = probs.argmax(axis=1)
+        return pd.DataFrame({"label": [self.class_names[i] for i in best],
+                             "confidence": probs[np.arange(len(best)), best].astype(float)})
+
+
+def log_model(checkpoint: Path, example_files: list[Path], name: str = "model"):
+    """Log the checkpoint as an ImageClassifier pyfunc in the active run; returns MLflow's ModelInfo."""
+    import pandas as pd
+    import torch
+    import torchvision
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
+                               outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence")]))
+    example = pd.DataFrame({"image": [Path(f).read_bytes() for f in example_files]})
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=str(Path(__file__).parent / "pyfunc_entry.py"),
+        artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(Path(__file__).parent)], signature=signature, input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                          f"torchvision=={torchvision.__version__.split('+')[0]}",
+                          f"mlflow=={mlflow.__version__}", "pillow", "pandas"])
