@@ -102,8 +102,8 @@ def find_champion(registry: RegisterConfig) -> dict | None:
             "model": ImageClassifier.from_checkpoint(next(local.glob("artifacts/*.pt")))}
 
 
-def _compare(champion: dict | None, challenger: ImageClassifier, correct: np.ndarray,
-             champion_correct: np.ndarray | None, cfg: ValidateConfig) -> dict | None:
+def _compare(champion: dict | None, challenger: ImageClassifier, y_true: np.ndarray, y_pred: np.ndarray,
+             champion_pred: np.ndarray | None, cfg: ValidateConfig) -> dict | None:
     if not cfg.compare_with_champion:
         return {"skipped": "validate.compare_with_champion is false"}
     if champion is None:
@@ -112,9 +112,11 @@ def _compare(champion: dict | None, challenger: ImageClassifier, correct: np.nda
         return {"skipped": f"champion v{champion['version']} has classes {champion['model'].class_names}, "
                            f"the challenger {challenger.class_names}: not comparable",
                 "champion_version": champion["version"]}
-    result = paired_comparison(correct, champion_correct, cfg.champion_margin, cfg.confidence,
+    result = paired_comparison(y_pred == y_true, champion_pred == y_true, cfg.champion_margin, cfg.confidence,
                                cfg.bootstrap_samples, cfg.seed)
-    return {"champion_version": champion["version"], "champion_run_id": champion["run_id"], **result}
+    metrics = compute_metrics(y_true, champion_pred, challenger.class_names)
+    return {"champion_version": champion["version"], "champion_run_id": champion["run_id"], **result,
+            "champion_metrics": {k: metrics[k] for k in ("accuracy", "macro_f1", "min_class_recall")}}
 
 
 def validate(dataset_dir, model_dir, out, cfg: ValidateConfig, champion: dict | None = None) -> dict:
@@ -137,8 +139,8 @@ def validate(dataset_dir, model_dir, out, cfg: ValidateConfig, champion: dict | 
 
     result = compute_metrics(y_true, y_pred, class_names)
     result["ece"], reliability = calibration(confidence, correct)
-    comparison = _compare(champion, challenger, correct,
-                          np.concatenate(champion_pred) == y_true if comparable else None, cfg)
+    comparison = _compare(champion, challenger, y_true, y_pred,
+                          np.concatenate(champion_pred) if comparable else None, cfg)
     gate = decide(result, cfg, comparison)
     rel_paths = [Path(p).relative_to(dataset_dir).as_posix() for p, _ in test]
     with atomic_dir(out) as tmp:

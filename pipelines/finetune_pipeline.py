@@ -89,7 +89,7 @@ def finetune_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input
 def validate_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input[Model], model: Input[Model],
                 params: dict, register: dict, experiment: str, pipeline_run_id: str, reports: Output[Artifact],
                 metrics: Output[Metrics], confusion: Output[ClassificationMetrics],
-                decision: Output[Markdown]) -> bool:
+                decision: Output[Markdown], report: Output[HTML]) -> bool:
     """Test-split metrics and the gate against thresholds and the champion; logs the MLflow run.
     Returns whether the gate passed."""
     import json
@@ -98,7 +98,7 @@ def validate_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input
     from components.config import RegisterConfig, ValidateConfig, parse_section
     from components.tracking import log_pipeline_run
     from components.validate import find_champion, validate
-    from pipelines.views import gate_markdown
+    from pipelines.views import gate_markdown, validation_html
 
     cfg = parse_section(ValidateConfig, params, "validate")
     champion = find_champion(parse_section(RegisterConfig, register, "register")) if cfg.compare_with_champion \
@@ -112,6 +112,7 @@ def validate_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input
     confusion.log_confusion_matrix(result["class_names"], result["confusion_matrix"])
     reports.metadata.update({"mlflow_run_id": run["run_id"], "passed": gate["passed"]})
     Path(decision.path).write_text(gate_markdown(gate, run))
+    Path(report.path).write_text(validation_html(Path(reports.path)))
     return bool(gate["passed"])
 
 

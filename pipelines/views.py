@@ -7,10 +7,23 @@ import html
 from pathlib import Path
 
 
-def png_html(title: str, png: Path) -> str:
+def _img(title: str, png: Path) -> str:
     data = base64.b64encode(Path(png).read_bytes()).decode()
-    return (f"<html><body><h3>{html.escape(title)}</h3>"
-            f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}"/></body></html>')
+    return f'<h3>{html.escape(title)}</h3><img alt="{html.escape(title)}" src="data:image/png;base64,{data}"/>'
+
+
+def png_html(title: str, png: Path) -> str:
+    return f"<html><body>{_img(title, png)}</body></html>"
+
+
+def validation_html(reports: Path) -> str:
+    """The validate step's pictures and per-class table on one page."""
+    rows = Path(reports, "per_class.csv").read_text().strip().splitlines()
+    table = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r.split(",")) + "</tr>" for r in rows)
+    parts = [_img(t, Path(reports, f)) for t, f in (("Confusion matrix", "confusion_matrix.png"),
+                                                    ("Reliability diagram", "reliability.png"),
+                                                    ("Most confident mistakes", "misclassified.png"))]
+    return f"<html><body><h3>Per class</h3><table border=1>{table}</table>{''.join(parts)}</body></html>"
 
 
 def data_report_markdown(report: dict) -> str:
@@ -40,6 +53,8 @@ def gate_markdown(gate: dict, run: dict) -> str:
                   "", "| | value |", "|---|---|",
                   f"| challenger accuracy | {champion['challenger_accuracy']:.4f} |",
                   f"| champion accuracy | {champion['champion_accuracy']:.4f} |",
+                  f"| champion macro F1 / min class recall | {champion['champion_metrics']['macro_f1']:.4f} / "
+                  f"{champion['champion_metrics']['min_class_recall']:.4f} |",
                   f"| difference, {champion['confidence']:.0%} lower bound (paired bootstrap) | "
                   f"{champion['lower_bound']:.4f} (margin -{champion['margin']}) |",
                   f"| only challenger right / only champion right | {champion['only_challenger_correct']} / "

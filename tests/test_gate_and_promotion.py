@@ -111,6 +111,12 @@ def test_challenger_worse_than_the_champion_fails_the_gate_with_the_test_in_the_
     assert server.get_model_version_by_alias("digits-worse", "champion").version in (1, "1")
     logged = json.loads((tmp_path / "b" / "gate.json").read_text())
     assert logged["champion"]["lower_bound"] == gate["champion"]["lower_bound"]
+    assert logged["champion"]["champion_metrics"]["accuracy"] == gate["champion"]["champion_accuracy"] > 0.6
+
+    from pipelines.views import gate_markdown, validation_html  # what the Kubeflow UI shows
+    page = gate_markdown(gate, json.loads((tmp_path / "b" / "run.json").read_text()))
+    assert "FAILED" in page and "Against champion v1" in page and "McNemar exact p-value" in page
+    assert validation_html(tmp_path / "b").count("data:image/png;base64,") == 3
 
 
 def test_champion_with_other_classes_is_skipped_with_the_reason(digits, server, tmp_path):

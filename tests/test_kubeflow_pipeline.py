@@ -62,6 +62,14 @@ def test_every_component_runs_on_the_project_image_with_finetune_resources(spec,
     assert all("pip install" not in " ".join(e["container"]["command"]) for e in executors.values())
 
 
+def test_validation_reports_are_kubeflow_visualisations(spec):
+    outputs = spec[0]["components"]["comp-validate-op"]["outputDefinitions"]["artifacts"]
+    kinds = {name: o["artifactType"]["schemaTitle"] for name, o in outputs.items()}
+    assert kinds["confusion"] == "system.ClassificationMetrics"
+    assert kinds["decision"] == "system.Markdown" and kinds["report"] == "system.HTML"
+    assert kinds["metrics"] == "system.Metrics"
+
+
 def test_schedule_creates_one_recurring_run_without_catch_up(tmp_path):
     """No Kubeflow Pipelines API server can run here, so this records the calls made to a stand-in client."""
     from pipelines.finetune_pipeline import schedule
