@@ -81,6 +81,7 @@ class PretrainedConfig(Section):
     uri: str = Field(min_length=1)
     sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
     arch: str = "resnet18"
+    max_size_mb: float = Field(default=2048, gt=0)
 
 
 class FinetuneConfig(Section):

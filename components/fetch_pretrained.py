@@ -2,9 +2,8 @@
 
     python -m components.fetch_pretrained --params params.yaml --out artifacts/pretrained
 
-URIs:  zoo/model.pt | file:///abs/model.pt     a local file
-       torchvision://resnet18?weights=IMAGENET1K_V1    torchvision's weights API; the file is
-           read from torch.hub's cache ($TORCH_HOME/hub/checkpoints/) or downloaded into it
+URIs (components/model_zoo.py): a path or file://, torchvision://<arch>?weights=<NAME>,
+https:// (pinned), s3://bucket/key, models:/<name>@<alias> or models:/<name>/<version>.
 
 The SHA-256 of the fetched file is always recorded and checked when pretrained.sha256 pins it.
 Files are loaded with torch.load(weights_only=True): a pickle that would run code is refused.
@@ -14,60 +13,18 @@ Writes weights.pt (checkpoint-v1: arch, class names, state dict) and pretrained.
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import sys
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
 
 import torch
-import torchvision
 
 from components import models
-from components.atomic import atomic_dir, atomic_file, sha256_file, write_json
+from components.atomic import atomic_dir, sha256_file, write_json
 from components.config import PretrainedConfig, load_params
+from components.model_zoo import FetchError, resolve
 
-
-class FetchError(ValueError):
-    """The weights could not be fetched or trusted; the message names the URI and why."""
-
-
-def _torchvision_file(uri: str, arch: str) -> tuple[Path, list[str] | None]:
-    parsed = urlparse(uri)
-    uri_arch = parsed.netloc
-    names = parse_qs(parsed.query).get("weights", [])
-    if len(names) != 1:
-        raise FetchError(f"pretrained.uri: {uri}: expected torchvision://<arch>?weights=<NAME>")
-    if uri_arch != arch:
-        raise FetchError(f"pretrained.uri names architecture '{uri_arch}' but pretrained.arch is '{arch}'")
-    try:
-        weights = torchvision.models.get_model_weights(uri_arch)[names[0]]
-    except (ValueError, KeyError) as err:
-        raise FetchError(f"pretrained.uri: {uri}: torchvision has no such weights ({err})") from None
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
-    if not cached.exists():
-        try:
-            with atomic_file(cached) as tmp:  # a broken download never stays in the cache
-                torch.hub.download_url_to_file(weights.url, str(tmp), progress=True)
-        except Exception as err:
-            raise FetchError(f"pretrained.uri: {uri}: not in {cached.parent} and download of {weights.url} "
-                             f"failed ({type(err).__name__}: {err})") from None
-    return cached, list(weights.meta.get("categories") or []) or None
-
-
-def resolve(uri: str, arch: str) -> tuple[Path, list[str] | None]:
-    """Local path of the weights file for `uri`, and class names when the zoo knows them."""
-    if uri.startswith("torchvision://"):
-        return _torchvision_file(uri, arch)
-    if uri.startswith("file://"):
-        path = Path(uri[len("file://"):])
-    elif "://" in uri:
-        raise FetchError(f"pretrained.uri: {uri}: unsupported scheme (use a path, file:// or torchvision://)")
-    else:
-        path = Path(uri)
-    if not path.is_file():
-        raise FetchError(f"pretrained.uri: {uri}: no such file {path}")
-    return path, None
+__all__ = ["FetchError", "fetch"]
 
 
 def safe_load(path: Path) -> object:
@@ -96,7 +53,7 @@ def unpack(obj: object, path: Path, arch: str) -> tuple[dict, list[str] | None]:
 
 def fetch(cfg: PretrainedConfig, out: str | Path) -> dict:
     """Fetch, verify and safely load the weights of `cfg.uri`; write them to `out` as checkpoint-v1."""
-    path, class_names = resolve(cfg.uri, cfg.arch)
+    path, class_names, source = resolve(cfg.uri, cfg.arch, cfg.sha256, int(cfg.max_size_mb * 2**20))
     sha256 = sha256_file(path)
     if cfg.sha256 and sha256 != cfg.sha256:
         raise FetchError(f"pretrained.sha256 mismatch for {cfg.uri}: pinned {cfg.sha256}, file {path} has {sha256}")
@@ -106,6 +63,7 @@ def fetch(cfg: PretrainedConfig, out: str | Path) -> dict:
     class_names = names_in_file or class_names
     info = {
         "uri": cfg.uri,
+        "resolved_uri": source,  # models:/name@alias -> the version it pointed at
         "sha256": sha256,
         "size_bytes": path.stat().st_size,
         "arch": cfg.arch,

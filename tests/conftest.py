@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -86,9 +87,79 @@ def trained(artifacts) -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Below 55536: SeaweedFS derives gRPC ports as port + 10000.
+    while True:
+        port = random.randint(20000, 55000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop a server started with start_new_session=True, with everything it spawned."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "pipeline-test", "AWS_SECRET_ACCESS_KEY": "seaweed-test-secret-0123"}
+SEAWEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                 "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "webdav.port",
+                 "debug.port", "s3.debug.port", "s3.port.iceberg", "s3.port.lance")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server on loopback that enforces S3_KEYS; buckets `zoo` and `data`."""
+    import boto3
+
+    home = tmp_path_factory.mktemp("seaweedfs")
+    (home / "data").mkdir()
+    (home / "logs").mkdir()
+    ports = {name: free_port() for name in SEAWEED_PORTS}
+    weed = Path(sys.executable).parent / "weed"
+    log = open(home / "weed.log", "w")
+    proc = subprocess.Popen(
+        [str(weed), f"-logdir={home / 'logs'}", "mini", f"-dir={home / 'data'}", "-ip=127.0.0.1",
+         "-ip.bind=127.0.0.1", "-bucket=zoo,data", *(f"-{n}={p}" for n, p in ports.items())],
+        env={**os.environ, **S3_KEYS}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"])
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                client.head_bucket(Bucket="zoo")
+                client.head_bucket(Bucket="data")
+                break
+            except Exception:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"SeaweedFS did not start: {(home / 'weed.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield {"endpoint": endpoint, "client": client, **S3_KEYS}
+    finally:
+        stop_group(proc)
+        log.close()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The environment a step sees when it talks to the test S3 server."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for key, value in S3_KEYS.items():
+        monkeypatch.setenv(key, value)
+    return s3_server
 
 
 @pytest.fixture(scope="session")
@@ -117,12 +188,5 @@ def mlflow_server(tmp_path_factory):
             time.sleep(0.5)
         yield url
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         log.close()

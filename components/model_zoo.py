@@ -1,0 +1,217 @@
+"""Where pretrained weights come from, and the local cache that keeps them.
+
+    zoo/model.pt, file:///abs/model.pt                a local file, used in place
+    torchvision://<arch>?weights=<NAME>                torchvision's weights API; torch.hub's cache
+                                                       ($TORCH_HOME/hub/checkpoints) under its file name
+    https://host/path/model.pt                         needs pretrained.sha256
+    s3://bucket/key                                    boto3; endpoint from AWS_ENDPOINT_URL, keys from
+                                                       the environment
+    models:/<name>@<alias>, models:/<name>/<version>   the checkpoint of a version in the MLflow registry
+
+Downloads go to a content-addressed cache ($FINETUNE_CACHE, default ~/.cache/finetune-pipeline):
+`sha256/<digest>` holds the bytes and `index.json` maps immutable sources (an https URL with its pin,
+an S3 object at its ETag, a registry version) to digests, so a repeated run fetches nothing. Every
+download streams to a temporary file, is checked against the size limit and the pin, and only
+then is renamed into the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+from components.atomic import atomic_file, write_json
+
+CHUNK = 1 << 20
+
+
+class FetchError(ValueError):
+    """The weights could not be fetched or trusted; the message names the URI and why."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune-pipeline")
+
+
+def _index() -> dict:
+    try:
+        return json.loads((cache_dir() / "index.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _cached(sha256: str) -> Path | None:
+    path = cache_dir() / "sha256" / sha256
+    return path if sha256 and path.is_file() else None
+
+
+def _from_index(key: str) -> Path | None:
+    return _cached(_index().get(key, ""))
+
+
+def _store(chunks, uri: str, max_bytes: int, pin: str, key: str | None) -> Path:
+    """Stream `chunks` into the cache: size-limited, verified against `pin`, renamed only when complete."""
+    root = cache_dir() / "sha256"
+    root.mkdir(parents=True, exist_ok=True)
+    digest, size = hashlib.sha256(), 0
+    fd, name = tempfile.mkstemp(prefix=".download-", dir=root)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                size += len(chunk)
+                if size > max_bytes:
+                    raise FetchError(f"pretrained.uri: {uri}: larger than pretrained.max_size_mb "
+                                     f"({max_bytes / 2**20:.0f} MiB); download stopped")
+                digest.update(chunk)
+                f.write(chunk)
+        sha = digest.hexdigest()
+        if pin and sha != pin:
+            raise FetchError(f"pretrained.sha256 mismatch for {uri}: pinned {pin}, downloaded file has {sha}")
+        final = root / sha
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if key:
+        write_json(cache_dir() / "index.json", {**_index(), key: sha})
+    return final
+
+
+def _check_size(uri: str, size: int | None, max_bytes: int) -> None:
+    if size is not None and size > max_bytes:
+        raise FetchError(f"pretrained.uri: {uri}: {size / 2**20:.1f} MiB is larger than pretrained.max_size_mb "
+                         f"({max_bytes / 2**20:.0f} MiB)")
+
+
+def _torchvision(uri: str, arch: str, max_bytes: int) -> tuple[Path, list[str] | None]:
+    import torch
+    import torchvision
+
+    parsed = urlparse(uri)
+    names = parse_qs(parsed.query).get("weights", [])
+    if len(names) != 1:
+        raise FetchError(f"pretrained.uri: {uri}: expected torchvision://<arch>?weights=<NAME>")
+    if parsed.netloc != arch:
+        raise FetchError(f"pretrained.uri names architecture '{parsed.netloc}' but pretrained.arch is '{arch}'")
+    try:
+        weights = torchvision.models.get_model_weights(parsed.netloc)[names[0]]
+    except (ValueError, KeyError) as err:
+        raise FetchError(f"pretrained.uri: {uri}: torchvision has no such weights ({err})") from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+    if not cached.exists():
+        try:
+            with atomic_file(cached) as tmp:  # a broken download never stays in the cache
+                torch.hub.download_url_to_file(weights.url, str(tmp), progress=True)
+        except Exception as err:
+            raise FetchError(f"pretrained.uri: {uri}: not in {cached.parent} and download of {weights.url} "
+                             f"failed ({type(err).__name__}: {err})") from None
+    _check_size(uri, cached.stat().st_size, max_bytes)
+    return cached, list(weights.meta.get("categories") or []) or None
+
+
+def _https(uri: str, pin: str, max_bytes: int) -> Path:
+    import urllib.request
+
+    if not pin:
+        raise FetchError(f"pretrained.sha256: required for {uri}: an https:// download is trusted only when pinned")
+    if cached := _cached(pin):
+        return cached
+    try:
+        with urllib.request.urlopen(uri, timeout=60) as response:
+            length = response.headers.get("Content-Length")
+            _check_size(uri, int(length) if length else None, max_bytes)
+            return _store(iter(lambda: response.read(CHUNK), b""), uri, max_bytes, pin, key=None)
+    except OSError as err:
+        raise FetchError(f"pretrained.uri: {uri}: download failed ({err})") from None
+
+
+def _s3(uri: str, pin: str, max_bytes: int) -> Path:
+    import boto3
+    import botocore.exceptions
+
+    if cached := _cached(pin):
+        return cached
+    parsed = urlparse(uri)
+    bucket, key = parsed.netloc, parsed.path.lstrip("/")
+    if not bucket or not key:
+        raise FetchError(f"pretrained.uri: {uri}: expected s3://<bucket>/<key>")
+    # A fresh session: endpoint (AWS_ENDPOINT_URL) and keys come from the environment as it is now,
+    # not as boto3's default session cached them earlier in this process.
+    s3 = boto3.session.Session().client("s3")
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key)
+        _check_size(uri, head["ContentLength"], max_bytes)
+        index_key = f"{uri}#etag={head['ETag'].strip(chr(34))}"
+        if cached := _from_index(index_key):
+            return cached
+        body = s3.get_object(Bucket=bucket, Key=key, IfMatch=head["ETag"])["Body"]
+        return _store(body.iter_chunks(CHUNK), uri, max_bytes, pin, key=index_key)
+    except botocore.exceptions.ClientError as err:
+        raise FetchError(f"pretrained.uri: {uri}: {err.response['Error'].get('Code')}: "
+                         f"{err.response['Error'].get('Message')}") from None
+    except botocore.exceptions.BotoCoreError as err:
+        raise FetchError(f"pretrained.uri: {uri}: {err}") from None
+
+
+def _registry(uri: str, pin: str, max_bytes: int) -> tuple[Path, str]:
+    """The checkpoint of a registered version, and the immutable models:/<name>/<version> it resolved to."""
+    import mlflow
+
+    from components.registry import current_version
+    from components.tracking import tracking_uri
+
+    rest = uri[len("models:/"):]
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        version = current_version(client, name, alias)
+        if version is None:
+            raise FetchError(f"pretrained.uri: {uri}: no registered model '{name}' with alias '{alias}'")
+    elif rest.count("/") == 1:
+        name, version = rest.split("/")
+    else:
+        raise FetchError(f"pretrained.uri: {uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    resolved = f"models:/{name}/{version}"
+    if cached := (_cached(pin) or _from_index(resolved)):
+        return cached, resolved
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(resolved, dst_path=tmp))
+        except mlflow.exceptions.MlflowException as err:
+            raise FetchError(f"pretrained.uri: {uri}: {err.message}") from None
+        found = sorted(local.glob("artifacts/*.pt"))
+        if len(found) != 1:
+            raise FetchError(f"pretrained.uri: {uri}: {resolved} holds no pipeline checkpoint "
+                             f"(artifacts/*.pt); it was not registered by this pipeline")
+        _check_size(uri, found[0].stat().st_size, max_bytes)
+        with open(found[0], "rb") as f:
+            return _store(iter(lambda: f.read(CHUNK), b""), uri, max_bytes, pin, key=resolved), resolved
+
+
+def resolve(uri: str, arch: str, pin: str = "", max_bytes: int = 2**40) -> tuple[Path, list[str] | None, str]:
+    """Local file for `uri`, class names when the zoo knows them, and the immutable source it came from."""
+    if uri.startswith("torchvision://"):
+        path, names = _torchvision(uri, arch, max_bytes)
+        return path, names, uri
+    if uri.startswith("https://"):
+        return _https(uri, pin, max_bytes), None, uri
+    if uri.startswith("s3://"):
+        return _s3(uri, pin, max_bytes), None, uri
+    if uri.startswith("models:/"):
+        path, resolved = _registry(uri, pin, max_bytes)
+        return path, None, resolved
+    if uri.startswith("file://"):
+        path = Path(uri[len("file://"):])
+    elif "://" in uri:
+        raise FetchError(f"pretrained.uri: {uri}: unsupported scheme "
+                         "(use a path, file://, torchvision://, https://, s3:// or models:/)")
+    else:
+        path = Path(uri)
+    if not path.is_file():
+        raise FetchError(f"pretrained.uri: {uri}: no such file {path}")
+    return path, None, uri
