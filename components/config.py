@@ -84,8 +84,27 @@ class PretrainedConfig(Section):
     max_size_mb: float = Field(default=2048, gt=0)
 
 
+class UnfreezeStep(Section):
+    epoch: int = Field(ge=2)        # unfrozen at the start of this epoch (1-based)
+    modules: list[str] = Field(min_length=1)
+    lr: float | None = Field(default=None, gt=0.0)  # their learning rate; default finetune.lr
+
+
+class LrGroup(Section):
+    modules: list[str] = Field(min_length=1)
+    lr: float = Field(gt=0.0)
+
+
 class FinetuneConfig(Section):
     freeze: list[str] = []
+    freeze_until: str = ""          # freeze everything before this module (e.g. layer3, features.7)
+    unfreeze: list[UnfreezeStep] = []
+    lr_groups: list[LrGroup] = []   # discriminative learning rates by module
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    warmup_epochs: int = Field(default=0, ge=0)
+    step_size: int = Field(default=5, ge=1)
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0)
+    checkpoint_dir: str = ""        # checkpoint every epoch here and resume from it; empty: off
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=0.01, gt=0.0)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
@@ -96,6 +115,12 @@ class FinetuneConfig(Section):
     min_delta: float = Field(default=0.0, ge=0.0)
     seed: int = 0
     num_workers: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self):
+        if self.warmup_epochs >= self.max_epochs:
+            raise ValueError("warmup_epochs must be smaller than max_epochs")
+        return self
 
 
 class ValidateConfig(Section):

@@ -3,25 +3,32 @@
     python -m components.finetune --params params.yaml --data data/prepared \
         --augment artifacts/augment --pretrained artifacts/pretrained --out artifacts/model
 
-Writes model.pt (checkpoint-v1 with the best epoch's weights, the class names, the
-preprocessing and the configuration that produced it), history.json (one row per epoch)
-and training_curves.png.
+Freezing by name patterns and by depth, gradual unfreezing with its own learning rates,
+discriminative learning rates, warm-up then a cosine or step schedule, and a checkpoint every
+epoch: a run killed mid-epoch resumes from the last finished epoch and ends with the same weights.
+Writes model.pt (checkpoint-v1 with the best epoch's weights, the class names, the preprocessing
+and the configuration that produced it), history.json (one row per epoch), summary.json and
+training_curves.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import math
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from components import models
-from components.atomic import atomic_dir, read_json, write_json
+from components.atomic import atomic_dir, atomic_file, read_json, write_json
 from components.augment import eval_transform, load_policy, train_transform
 from components.config import AugmentConfig, FinetuneConfig, load_params
 from components.dataset import ImageSplit, read_report
@@ -39,38 +46,120 @@ def make_loaders(dataset_dir, policy: AugmentConfig, cfg: FinetuneConfig, class_
             torch.utils.data.DataLoader(val, shuffle=False, **common))
 
 
-def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def lr_factor(epoch: int, cfg: FinetuneConfig) -> float:
+    """Multiplier of every group's base learning rate in `epoch` (1-based): warm-up, then the schedule."""
+    if epoch <= cfg.warmup_epochs:
+        return epoch / (cfg.warmup_epochs + 1)
+    t = epoch - cfg.warmup_epochs - 1  # epochs since warm-up ended
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t / (cfg.max_epochs - cfg.warmup_epochs)))
+    if cfg.schedule == "step":
+        return cfg.gamma ** (t // cfg.step_size)
+    return 1.0
 
 
-def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig,
-        frozen_bn: list[nn.Module] = ()) -> tuple[dict, list[dict]]:
+class Trainer:
+    """The model with its frozen parts, optimizer groups and unfreezing schedule, epoch by epoch."""
+
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig):
+        self.model, self.cfg = model, cfg
+        patterns = list(cfg.freeze) + (models.modules_before(model, cfg.freeze_until) if cfg.freeze_until else [])
+        self.frozen_bn = models.freeze(model, patterns)
+        groups, taken = [], set()
+        for g in cfg.lr_groups:
+            params = [p for p in models.parameters_of(model, g.modules, "finetune.lr_groups") if id(p) not in taken]
+            taken.update(map(id, params))
+            groups.append({"params": params, "base_lr": g.lr})
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+        groups.insert(0, {"params": rest, "base_lr": cfg.lr})
+        for g in groups:
+            g["lr"] = g["base_lr"]
+        if cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def unfreeze_for(self, epoch: int) -> None:
+        """Apply the unfreezing steps due at `epoch`: their parameters join as a new optimizer group."""
+        for step in self.cfg.unfreeze:
+            if step.epoch == epoch:
+                woken = models.unfreeze(self.model, step.modules, self.frozen_bn)
+                if woken:
+                    lr = step.lr or self.cfg.lr
+                    self.optimizer.add_param_group({"params": woken, "base_lr": lr, "lr": lr})
+                tqdm.write(f"finetune: epoch {epoch}: unfroze {', '.join(step.modules)} "
+                           f"({sum(p.numel() for p in woken):,} parameters)", file=sys.stderr)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.unfreeze_for(epoch)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(epoch, self.cfg)
+        self.model.train()
+        for m in self.frozen_bn:  # frozen BatchNorm keeps its running statistics
+            m.eval()
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    """Every random state training draws from, as tensors and plain values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "loader": generator.get_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate()}
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["loader"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+
+
+def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key: str = "") -> tuple[dict, list]:
     """Train until max_epochs or until val loss stops improving by min_delta for `patience` epochs.
 
-    Returns the best epoch's state dict (not the last one's) and the per-epoch history.
+    With cfg.checkpoint_dir, every finished epoch is saved there and a checkpoint with the same
+    `run_key` (inputs and configuration) is resumed. Returns the best epoch's state dict (not the
+    last one's) and the per-epoch history.
     """
     torch.manual_seed(cfg.seed)
-    optimizer = make_optimizer(model, cfg)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    trainer = Trainer(model, cfg)
     loss_fn = nn.CrossEntropyLoss()
-    history, best_loss, best_state, stale = [], math.inf, None, 0
-    epochs = tqdm(range(1, cfg.max_epochs + 1), desc="finetune", unit="epoch", file=sys.stderr)
-    for epoch in epochs:
-        model.train()
-        for m in frozen_bn:  # frozen BatchNorm keeps its running statistics
-            m.eval()
+    history, best_loss, best_state, stale, first = [], math.inf, None, 0, 1
+    ckpt_path = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None
+
+    if ckpt_path and ckpt_path.exists():
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if saved.get("run_key") == run_key:
+            for epoch in range(2, saved["epoch"] + 1):  # replay unfreezing so the optimizer groups match
+                trainer.unfreeze_for(epoch)
+            model.load_state_dict(saved["model"])
+            trainer.optimizer.load_state_dict(saved["optimizer"])
+            history, best_loss, best_state, stale = saved["history"], saved["best_loss"], saved["best_state"], \
+                saved["stale"]
+            _set_rng_state(saved["rng"], train_loader.generator)
+            first = saved["epoch"] + 1
+            tqdm.write(f"finetune: resuming after epoch {saved['epoch']} from {ckpt_path}", file=sys.stderr)
+        else:
+            tqdm.write(f"finetune: {ckpt_path} belongs to other inputs or settings; starting afresh", file=sys.stderr)
+
+    stop = first > cfg.max_epochs or (history and stale >= cfg.patience)
+    epochs = tqdm(range(first, cfg.max_epochs + 1), desc="finetune", unit="epoch", file=sys.stderr,
+                  initial=first - 1, total=cfg.max_epochs)
+    for epoch in ([] if stop else epochs):
+        trainer.start_epoch(epoch)
         seen = correct = 0
         total_loss = 0.0
         batches = tqdm(train_loader, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr,
                        disable=None)  # batch bars on a terminal only
         for x, y in batches:
-            optimizer.zero_grad(set_to_none=True)
+            trainer.optimizer.zero_grad(set_to_none=True)
             logits = model(x)
             loss = loss_fn(logits, y)
             loss.backward()
-            optimizer.step()
+            trainer.optimizer.step()
             total_loss += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
@@ -81,7 +170,8 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig,
             "train_accuracy": correct / seen,
             "val_loss": loss_fn(val_logits, val_y).item(),
             "val_accuracy": (val_logits.argmax(1) == val_y).float().mean().item(),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": trainer.optimizer.param_groups[0]["lr"],
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         }
         history.append(row)
         epochs.set_postfix(val_loss=f"{row['val_loss']:.4f}", val_acc=f"{row['val_accuracy']:.3f}")
@@ -89,10 +179,17 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig,
             best_loss, best_state, stale = row["val_loss"], copy.deepcopy(model.state_dict()), 0
         else:
             stale += 1
-            if stale >= cfg.patience:
-                tqdm.write(f"finetune: early stop after epoch {epoch}: val loss has not improved by "
-                           f"{cfg.min_delta} for {cfg.patience} epochs", file=sys.stderr)
-                break
+        if ckpt_path:
+            with atomic_file(ckpt_path) as tmp:
+                torch.save({"run_key": run_key, "epoch": epoch, "model": model.state_dict(),
+                            "optimizer": trainer.optimizer.state_dict(), "history": history,
+                            "best_loss": best_loss, "best_state": best_state, "stale": stale,
+                            "rng": _rng_state(train_loader.generator)}, tmp)
+            write_json(ckpt_path.with_suffix(".json"), {"epoch": epoch, "run_key": run_key})
+        if stale >= cfg.patience:
+            tqdm.write(f"finetune: early stop after epoch {epoch}: val loss has not improved by "
+                       f"{cfg.min_delta} for {cfg.patience} epochs", file=sys.stderr)
+            break
     return best_state, history
 
 
@@ -102,15 +199,26 @@ def save_curves(history: list[dict], best_epoch: int, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     for ax, metric in zip(axes, ("loss", "accuracy")):
         ax.plot(epochs, [r[f"train_{metric}"] for r in history], marker="o", label="train")
         ax.plot(epochs, [r[f"val_{metric}"] for r in history], marker="o", label="validation")
         ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
         ax.set_xlabel("epoch"), ax.set_title(metric), ax.legend()
+    axes[2].plot(epochs, [r["lr"] for r in history], marker="o")
+    axes[2].set_xlabel("epoch"), axes[2].set_title("learning rate (base group)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def run_key(dataset_dir, augment_dir, pretrained_dir, cfg: FinetuneConfig) -> str:
+    """What a checkpoint must match to be resumed: the data, policy, weights and settings."""
+    parts = {"data": read_report(dataset_dir)["fingerprint"],
+             "policy": read_json(Path(augment_dir) / "policy.json"),
+             "weights": read_json(Path(pretrained_dir) / "pretrained.json")["sha256"],
+             "config": cfg.model_dump(mode="json", exclude={"checkpoint_dir"})}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig) -> dict:
@@ -123,20 +231,18 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig)
 
     model = models.build(arch, pretrained["num_classes"])
     models.load_weights(model, checkpoint["state_dict"], arch)
+    torch.manual_seed(cfg.seed)  # the new output layer's initial weights are part of the run's recipe
     # A new output layer when the old one cannot or should not be reused: another class
     # count, or known classes that differ (digits 0-4 -> 5-9 has 5 outputs either way).
     head = None
     source_classes = pretrained.get("class_names")
     if pretrained["num_classes"] != len(class_names) or (source_classes and source_classes != class_names):
         head = models.replace_head(model, len(class_names))
-    frozen_bn = models.freeze(model, cfg.freeze)
-    counts = models.parameter_counts(model)
-    print(f"finetune: {arch}, {len(class_names)} classes, output layer "
-          f"{'replaced: ' + head if head else 'kept'}; parameters trainable {counts['trainable']:,}, "
-          f"frozen {counts['frozen']:,}", file=sys.stderr)
 
     train_loader, val_loader = make_loaders(dataset_dir, policy, cfg, class_names)
-    best_state, history = fit(model, train_loader, val_loader, cfg, frozen_bn)
+    best_state, history = fit(model, train_loader, val_loader, cfg,
+                              run_key(dataset_dir, augment_dir, pretrained_dir, cfg))
+    counts = models.parameter_counts(model)
     best = min(history, key=lambda r: r["val_loss"])
     summary = {
         "arch": arch,
@@ -146,8 +252,11 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig)
         "epochs_run": len(history),
         "stopped_early": len(history) < cfg.max_epochs,
         "head_replaced": head,
-        "parameters": counts,
+        "parameters": {"trainable_at_start": history[0]["trainable_parameters"], **counts},
     }
+    print(f"finetune: {arch}, {len(class_names)} classes, output layer "
+          f"{'replaced: ' + head if head else 'kept'}; trainable parameters {history[0]['trainable_parameters']:,} "
+          f"at the start, {counts['trainable']:,} of {counts['total']:,} at the end", file=sys.stderr)
     with atomic_dir(out) as tmp:
         torch.save({
             "format": models.CHECKPOINT_FORMAT,
@@ -161,6 +270,9 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig)
         write_json(tmp / "history.json", history)
         write_json(tmp / "summary.json", summary)
         save_curves(history, best["epoch"], tmp / "training_curves.png")
+    if cfg.checkpoint_dir:  # finished: a later run with the same inputs starts from scratch
+        for leftover in ("last.pt", "last.json"):
+            (Path(cfg.checkpoint_dir) / leftover).unlink(missing_ok=True)
     return summary
 
 

@@ -93,6 +93,62 @@ def freeze(model: nn.Module, patterns: list[str]) -> list[nn.Module]:
     return frozen_bn
 
 
+def modules_before(model: nn.Module, until: str) -> list[str]:
+    """Names of the modules that come before `until` at each level of its path, for freezing by depth.
+
+    resnet18, "layer3" -> conv1, bn1, relu, maxpool, layer1, layer2;
+    mobilenet_v3_small, "features.4" -> features.0 .. features.3.
+    """
+    names = dict(model.named_modules())
+    if until not in names or not until:
+        top = ", ".join(n for n in names if n and n.count(".") <= 1)
+        raise WeightsError(f"finetune.freeze_until: no module '{until}'; modules by depth: {top}")
+    before, parent = [], ""
+    for part in until.split("."):
+        container = model.get_submodule(parent) if parent else model
+        for child, _ in container.named_children():
+            if child == part:
+                break
+            before.append(f"{parent}.{child}" if parent else child)
+        parent = f"{parent}.{part}" if parent else part
+    return before
+
+
+def unfreeze(model: nn.Module, patterns: list[str], frozen_bn: list[nn.Module]) -> list[nn.Parameter]:
+    """Make the matched modules trainable again; returns the parameters that were frozen until now."""
+    modules = dict(model.named_modules())
+    woken = []
+    for pattern in patterns:
+        matched = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise WeightsError(f"finetune.unfreeze: pattern '{pattern}' matches no module")
+        for name in matched:
+            for m in modules[name].modules():
+                for p in m.parameters(recurse=False):
+                    if not p.requires_grad:
+                        p.requires_grad_(True)
+                        woken.append(p)
+                if m in frozen_bn:
+                    frozen_bn.remove(m)
+    return woken
+
+
+def parameters_of(model: nn.Module, patterns: list[str], what: str) -> list[nn.Parameter]:
+    """Trainable parameters of the modules matching `patterns` (each parameter once)."""
+    modules = dict(model.named_modules())
+    found, seen = [], set()
+    for pattern in patterns:
+        matched = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise WeightsError(f"{what}: pattern '{pattern}' matches no module")
+        for name in matched:
+            for p in modules[name].parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    found.append(p)
+    return found
+
+
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,134 @@
+"""The fine-tuning controls: freezing by depth, gradual unfreezing, learning-rate groups and schedules,
+and resuming a run that was killed mid-epoch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from components import models
+from components.augment import augment
+from components.config import AugmentConfig, DataConfig, FinetuneConfig, PretrainedConfig, UnfreezeStep
+from components.data import prepare
+from components.demo_zoo import export_digits
+from components.fetch_pretrained import fetch
+from components.finetune import Trainer, finetune, lr_factor
+from conftest import ROOT, save_checkpoint
+
+
+@pytest.mark.parametrize("arch, until, first_trainable, frozen_example", [
+    ("resnet18", "layer3", "layer3.0.conv1.weight", "layer2.1.bn2.weight"),
+    ("resnet50", "layer4", "layer4.0.conv1.weight", "layer3.5.conv3.weight"),
+    ("mobilenet_v3_small", "features.4", "features.4.block.0.0.weight", "features.3.block.0.0.weight"),
+    ("mobilenet_v3_large", "features.7", "features.7.block.0.0.weight", "features.6.block.0.0.weight"),
+    ("efficientnet_b0", "features.5", "features.5.0.block.0.0.weight", "features.4.2.block.0.0.weight"),
+])
+def test_freeze_until_freezes_everything_before_the_named_module(arch, until, first_trainable, frozen_example):
+    model = models.build(arch, 4)
+    Trainer(model, FinetuneConfig(freeze_until=until))
+    params = dict(model.named_parameters())
+    assert not params[frozen_example].requires_grad
+    assert params[first_trainable].requires_grad
+    names = list(params)
+    assert all(not params[n].requires_grad for n in names[: names.index(first_trainable)])
+    assert all(params[n].requires_grad for n in names[names.index(first_trainable):])
+
+
+def test_freeze_until_an_unknown_module_lists_the_choices():
+    with pytest.raises(models.WeightsError, match=r"finetune.freeze_until: no module 'layer9'; .*layer3"):
+        Trainer(models.build("resnet18", 3), FinetuneConfig(freeze_until="layer9"))
+
+
+def test_warmup_then_cosine_and_step_schedules():
+    cosine = FinetuneConfig(schedule="cosine", warmup_epochs=2, max_epochs=6)
+    assert [round(lr_factor(e, cosine), 4) for e in range(1, 7)] == [0.3333, 0.6667, 1.0, 0.8536, 0.5, 0.1464]
+    step = FinetuneConfig(schedule="step", step_size=2, gamma=0.5, max_epochs=6)
+    assert [lr_factor(e, step) for e in range(1, 7)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_discriminative_learning_rates_make_their_own_groups():
+    model = models.build("resnet18", 3)
+    trainer = Trainer(model, FinetuneConfig(freeze_until="layer3", lr=0.01,
+                                            lr_groups=[{"modules": ["layer3"], "lr": 0.001}]))
+    base, layer3 = trainer.optimizer.param_groups
+    assert (base["base_lr"], layer3["base_lr"]) == (0.01, 0.001)
+    assert {id(p) for p in layer3["params"]} == {id(p) for p in model.layer3.parameters()}
+    assert not {id(p) for p in base["params"]} & {id(p) for p in layer3["params"]}
+
+
+def test_gradual_unfreezing_wakes_modules_at_their_epoch_with_their_rate(artifacts):
+    cfg = FinetuneConfig(freeze_until="layer3", unfreeze=[UnfreezeStep(epoch=2, modules=["layer2"], lr=0.002)],
+                         max_epochs=2, patience=2, batch_size=16)
+    before = torch.load(artifacts / "pre" / "weights.pt", weights_only=True)["state_dict"]
+    finetune(artifacts / "data", artifacts / "aug", artifacts / "pre", artifacts / "one", cfg.model_copy(
+        update={"max_epochs": 1, "unfreeze": cfg.unfreeze}))
+    one = torch.load(artifacts / "one" / "model.pt", weights_only=True)["state_dict"]
+    assert torch.equal(one["layer2.0.conv1.weight"], before["layer2.0.conv1.weight"])  # still frozen in epoch 1
+    finetune(artifacts / "data", artifacts / "aug", artifacts / "pre", artifacts / "two", cfg)
+    two = torch.load(artifacts / "two" / "model.pt", weights_only=True)["state_dict"]
+    history = json.loads((artifacts / "two" / "history.json").read_text())
+    assert not torch.equal(two["layer2.0.conv1.weight"], before["layer2.0.conv1.weight"])
+    assert not torch.equal(two["layer2.0.bn1.running_mean"], before["layer2.0.bn1.running_mean"])  # BN woke too
+    assert torch.equal(two["layer1.0.conv1.weight"], before["layer1.0.conv1.weight"])
+    assert history[1]["trainable_parameters"] > history[0]["trainable_parameters"]
+
+
+@pytest.fixture(scope="module")
+def digits_inputs(tmp_path_factory):
+    t = tmp_path_factory.mktemp("resume")
+    export_digits([5, 6, 7, 8, 9], t / "raw")
+    prepare(t / "raw", t / "data", DataConfig(source=str(t / "raw"), workers=1))
+    augment(t / "data", t / "aug", AugmentConfig(image_size=32, resize_scale=(0.8, 1.0), hflip=0, rotation=10,
+                                                 preview_images=2))
+    fetch(PretrainedConfig(uri=str(save_checkpoint(t / "zoo.pt", "resnet18", list("abcde"))), arch="resnet18"),
+          t / "pre")
+    return t
+
+
+def _finetune_process(t, name: str, checkpoint_dir) -> subprocess.Popen:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["finetune"].update(max_epochs=5, patience=5, freeze_until="layer2", checkpoint_dir=str(checkpoint_dir),
+                           unfreeze=[{"epoch": 3, "modules": ["layer1"], "lr": 0.003}], schedule="cosine",
+                           warmup_epochs=1)
+    (t / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    return subprocess.Popen([sys.executable, "-m", "components.finetune", "--params", str(t / f"{name}.yaml"),
+                             "--data", str(t / "data"), "--augment", str(t / "aug"), "--pretrained", str(t / "pre"),
+                             "--out", str(t / name)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def test_run_killed_in_epoch_3_resumes_after_epoch_2_and_ends_with_identical_weights(digits_inputs):
+    t = digits_inputs
+    straight = _finetune_process(t, "straight", t / "ckpt-straight")
+    out, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0, out
+
+    killed = _finetune_process(t, "resumed", t / "ckpt-resumed")
+    marker = t / "ckpt-resumed" / "last.json"
+    deadline = time.time() + 240
+    while not (marker.exists() and json.loads(marker.read_text())["epoch"] == 2):
+        assert killed.poll() is None and time.time() < deadline, "never reached the end of epoch 2"
+        time.sleep(0.02)
+    time.sleep(0.5)  # well into epoch 3
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert json.loads(marker.read_text())["epoch"] == 2 and not (t / "resumed").exists()
+
+    resumed = _finetune_process(t, "resumed", t / "ckpt-resumed")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resuming after epoch 2" in out
+
+    a = torch.load(t / "straight" / "model.pt", weights_only=True)
+    b = torch.load(t / "resumed" / "model.pt", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert json.loads((t / "straight" / "history.json").read_text()) == \
+        json.loads((t / "resumed" / "history.json").read_text())
+    assert not marker.exists()  # a finished run leaves no checkpoint to resume by mistake
