@@ -35,13 +35,17 @@ class DemoConfig(Section):
 
 
 class DataConfig(Section):
-    source: str
+    source: str                     # a folder, s3://bucket/prefix, or a path inside `repo`
+    repo: str = ""                  # git repository (URL or path) whose DVC-tracked `source` to read
+    rev: str = ""                   # its revision: tag, branch or commit; empty: the default branch
     classes: list[str] = []
     val_fraction: float = Field(default=0.15, gt=0.0, lt=1.0)
     test_fraction: float = Field(default=0.15, gt=0.0, lt=1.0)
     seed: int = 0
     extensions: list[str] = [".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
     workers: int = Field(default=0, ge=0)
+    on_invalid: Literal["error", "skip"] = "error"
+    max_invalid_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self):

@@ -16,14 +16,17 @@ import hashlib
 import os
 import shutil
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
 
 from components.atomic import atomic_dir, write_json
 from components.config import DataConfig, load_params
+from components.data_sources import describe, materialize
 from components.images import decode
 
 SPLITS = ("train", "val", "test")
@@ -43,8 +46,10 @@ class ImageRecord:
     height: int
 
 
-def inspect_file(path: str) -> tuple[str, int, int] | str:
+def inspect_file(path: str, root: str = "") -> tuple[str, int, int] | str:
     """(sha256, width, height) for a decodable image, else the reason it is not one."""
+    if root and os.path.islink(path) and not Path(path).resolve().is_relative_to(root):
+        return f"symlink pointing outside the dataset folder (to {Path(path).resolve()})"
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -58,6 +63,7 @@ def list_images(source: Path, cfg: DataConfig) -> tuple[dict[str, list[Path]], l
     """Class folders and their image files; also the names of files ignored as non-images."""
     if not source.is_dir():
         raise DataError(f"data.source: {source} is not a directory")
+    root = source.resolve()
     present = sorted(p.name for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     if cfg.classes:
         missing = [c for c in cfg.classes if c not in present]
@@ -71,7 +77,7 @@ def list_images(source: Path, cfg: DataConfig) -> tuple[dict[str, list[Path]], l
     for label in present:
         found = []
         for path in sorted((source / label).rglob("*")):
-            if path.is_dir():
+            if path.is_dir() and not path.is_symlink():
                 continue
             if path.suffix.lower() in extensions:
                 found.append(path)
@@ -104,30 +110,48 @@ def fingerprint(records: list[ImageRecord]) -> str:
 
 
 def prepare(source: str | Path, out: str | Path, cfg: DataConfig) -> dict:
-    """Validate every image under `source`, split, and write the dataset artifact to `out`.
+    """Fetch (data_sources), validate every image under `source`, split, write the dataset artifact to `out`.
 
-    Returns the data report. Raises DataError listing every unreadable file with its reason;
-    nothing is written then.
+    Returns the data report. Raises DataError listing every unreadable file with its reason
+    (with data.on_invalid: skip, only when more than data.max_invalid_fraction are); nothing is
+    written then.
     """
-    source = Path(source)
-    files, ignored = list_images(source, cfg)
-    paths = [p for label in files for p in files[label]]
-    workers = cfg.workers or os.cpu_count() or 1
+    cfg = cfg.model_copy(update={"source": str(source)})
+    with tempfile.TemporaryDirectory(prefix="dataset-") as staging:
+        local, dvc_hash = materialize(cfg, Path(staging))
+        return _prepare(local, out, cfg, dvc_hash)
+
+
+def _check(paths: list[Path], root: Path, workers: int) -> list:
     progress = dict(total=len(paths), desc="data: decoding", unit="img", file=sys.stderr)
+    check = partial(inspect_file, root=str(root.resolve()))
     if workers > 1 and len(paths) >= PARALLEL_FROM:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(tqdm(pool.map(inspect_file, map(str, paths), chunksize=32), **progress))
-    else:
-        results = [inspect_file(str(p)) for p in tqdm(paths, **progress)]
+            return list(tqdm(pool.map(check, map(str, paths), chunksize=64), **progress))
+    return [check(str(p)) for p in tqdm(paths, **progress)]
 
-    invalid = [f"{p}: {r}" for p, r in zip(paths, results) if isinstance(r, str)]
-    if invalid:
-        raise DataError(f"{len(invalid)} unreadable image file(s) in {source}:\n  " + "\n  ".join(invalid))
+
+def _prepare(source: Path, out, cfg: DataConfig, dvc_hash: str | None) -> dict:
+    files, ignored = list_images(source, cfg)
+    paths = [p for label in files for p in files[label]]
+    results = _check(paths, source, cfg.workers or os.cpu_count() or 1)
+
+    invalid = [(p, r) for p, r in zip(paths, results) if isinstance(r, str)]
+    listing = "\n  ".join(f"{p}: {r}" for p, r in invalid)
+    if invalid and cfg.on_invalid == "error":
+        raise DataError(f"{len(invalid)} unreadable image file(s) in {cfg.source}:\n  {listing}")
+    if len(invalid) > cfg.max_invalid_fraction * len(paths):
+        raise DataError(f"{len(invalid)} of {len(paths)} files are unreadable ({len(invalid) / len(paths):.1%}), "
+                        f"more than data.max_invalid_fraction ({cfg.max_invalid_fraction:.1%}):\n  {listing}")
 
     records = []
-    for path, (sha, width, height) in zip(paths, results):
-        rel = path.relative_to(source)
-        records.append(ImageRecord(rel.as_posix(), rel.parts[0], sha, width, height))
+    for path, result in zip(paths, results):
+        if not isinstance(result, str):
+            rel = path.relative_to(source)
+            records.append(ImageRecord(rel.as_posix(), rel.parts[0], *result))
+    emptied = [label for label in files if not any(r.label == label for r in records)]
+    if emptied:
+        raise DataError(f"class folder(s) with no readable image left: {', '.join(emptied)}")
 
     labels = list(files)
     splits = {r.relpath: assign_split(r.sha256, cfg) for r in records}
@@ -145,13 +169,16 @@ def prepare(source: str | Path, out: str | Path, cfg: DataConfig) -> dict:
     for r in records:
         by_hash.setdefault(r.sha256, []).append(r.relpath)
     report = {
-        "fingerprint": fingerprint(records),
-        "source": str(source),
+        # DVC's directory hash when DVC tracks the data, else the hash of every file's path and bytes
+        "fingerprint": dvc_hash or fingerprint(records),
+        "content_sha256": fingerprint(records),
+        "source": describe(cfg),
         "classes": labels,
         "num_images": len(records),
         "counts": counts,
         "duplicates": [group for group in by_hash.values() if len(group) > 1],
         "ignored_files": ignored,
+        "excluded": [{"path": p.relative_to(source).as_posix(), "reason": r} for p, r in invalid],
         "config": cfg.model_dump(mode="json"),
     }
 

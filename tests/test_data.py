@@ -169,3 +169,68 @@ def test_animated_gif_is_rejected():
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
     with pytest.raises(ValueError, match="animated image with 3 frames"):
         decode(buf.getvalue())
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares a huge image: a decompression bomb in 60 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_rejected_before_decoding():
+    with pytest.raises(ValueError, match="decompression bomb"):
+        decode(_png_declaring(30000, 30000))
+
+
+def test_webp_and_cmyk_jpeg_load_as_rgb():
+    img = Image.new("RGB", (6, 4), (10, 200, 30))
+    assert decode(_encode(img, "WEBP", lossless=True)).getpixel((0, 0)) == (10, 200, 30)
+    assert decode(_encode(Image.new("CMYK", (6, 4), (0, 0, 0, 0)), "JPEG")).getpixel((0, 0))[0] > 240  # white
+
+
+def test_symlink_pointing_outside_the_dataset_is_rejected(image_folder, tmp_path):
+    secret = tmp_path / "outside.png"
+    Image.new("RGB", (16, 16)).save(secret)
+    (image_folder / "circle" / "link.png").symlink_to(secret)
+    (image_folder / "square" / "inside.png").symlink_to(image_folder / "square" / "img-000.png")  # allowed
+    with pytest.raises(DataError, match=r"link.png: symlink pointing outside the dataset folder") as err:
+        prepare(image_folder, tmp_path / "out", _cfg(image_folder))
+    assert "inside.png" not in str(err.value)
+
+
+def _bad_corpus(folder):
+    """One file of each kind of trouble, next to the good images."""
+    good = (folder / "square" / "img-000.png").read_bytes()
+    (folder / "square" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "circle" / "notes.jpg").write_text("not a picture")
+    (folder / "circle" / "zero.png").write_bytes(b"")
+    (folder / "triangle" / "bomb.png").write_bytes(_png_declaring(30000, 30000))
+    frames = [Image.new("RGB", (4, 4), c) for c in ("red", "green")]
+    frames[0].save(folder / "triangle" / "anim.gif", save_all=True, append_images=frames[1:])
+    return {"square/truncated.png", "circle/notes.jpg", "circle/zero.png", "triangle/bomb.png", "triangle/anim.gif"}
+
+
+def test_bad_input_corpus_gives_one_clear_message_per_file(image_folder, tmp_path):
+    bad = _bad_corpus(image_folder)
+    with pytest.raises(DataError) as err:
+        prepare(image_folder, tmp_path / "out", _cfg(image_folder))
+    lines = str(err.value).splitlines()[1:]
+    assert len(lines) == len(bad)
+    assert {line.strip().split(str(image_folder) + "/")[1].split(":")[0] for line in lines} == bad
+
+
+def test_skip_mode_excludes_bad_files_and_lists_them(image_folder, tmp_path):
+    bad = _bad_corpus(image_folder)
+    cfg = _cfg(image_folder, on_invalid="skip", max_invalid_fraction=0.1)
+    report = prepare(image_folder, tmp_path / "out", cfg)
+    assert report["num_images"] == 90
+    assert {e["path"] for e in report["excluded"]} == bad
+    assert all(e["reason"] for e in report["excluded"])
+    with pytest.raises(DataError, match=r"5 of 95 files are unreadable \(5.3%\), more than data.max_invalid_fraction"):
+        prepare(image_folder, tmp_path / "out2", _cfg(image_folder, on_invalid="skip", max_invalid_fraction=0.05))

@@ -1,0 +1,156 @@
+"""Does transfer learning pay on the default task? Zoo checkpoint vs random initialisation.
+
+    .venv/bin/python benchmarks/transfer.py            # about 4 minutes on 2 cores
+    .venv/bin/python benchmarks/transfer.py --epochs 12 --fractions 0.1 0.3 1.0
+
+The source model is trained on digits 0-4 exactly as the demo zoo does (demo section of
+params.yaml); the target is digits 5-9 with 10%, 30% and 100% of its training images. Each
+fraction is fine-tuned twice with the same budget (epochs, optimiser, schedule, augmentation):
+from the zoo checkpoint with a new output layer and the finetune section's freezing, and the
+same architecture from random initialisation with every layer trainable. Early stopping is off so
+both curves run the whole budget. Prints a Markdown table and writes benchmarks/results/transfer.json
+and transfer.png. Measures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from components.atomic import write_json  # noqa: E402
+from components.augment import augment  # noqa: E402
+from components.config import PretrainedConfig, load_params  # noqa: E402
+from components.data import prepare  # noqa: E402
+from components.demo_zoo import export_digits, publish_source_model  # noqa: E402
+from components.fetch_pretrained import fetch  # noqa: E402
+from components.finetune import finetune  # noqa: E402
+
+
+def subsample(dataset: Path, out: Path, fraction: float) -> int:
+    """A copy of the dataset artifact keeping `fraction` of each class's training images."""
+    shutil.copytree(dataset, out)
+    with open(dataset / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    kept, seen, total = [], {}, {}
+    for r in rows:
+        if r["split"] == "train":
+            total[r["label"]] = total.get(r["label"], 0) + 1
+    for r in rows:  # manifest order is file order: a deterministic subset
+        if r["split"] == "train":
+            seen[r["label"]] = seen.get(r["label"], 0) + 1
+            if seen[r["label"]] > max(1, round(fraction * total[r["label"]])):
+                continue
+        kept.append(r)
+    with open(out / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    return sum(1 for r in kept if r["split"] == "train")
+
+
+def epochs_to(history: list[dict], target: float) -> int | None:
+    return next((r["epoch"] for r in history if r["val_accuracy"] >= target), None)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=12, help="training budget for every run")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3, 1.0],
+                        help="shares of the target training images")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    params = load_params(ROOT / "params.yaml")
+    ft = params.finetune.model_copy(update={"max_epochs": args.epochs, "patience": args.epochs + 1,
+                                            "checkpoint_dir": ""})
+    start = time.time()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        export_digits(params.demo.source_classes, t / "source")
+        export_digits(params.demo.target_classes, t / "target")
+        publish_source_model(t / "source", t / "zoo.pt", params.demo)
+        prepare(t / "target", t / "data", params.data.model_copy(update={"source": str(t / "target")}))
+        augment(t / "data", t / "aug", params.augment)
+        fetch(PretrainedConfig(uri=str(t / "zoo.pt"), arch=params.demo.arch), t / "zoo")
+        scratch_ckpt = t / "random.pt"
+        import torch
+
+        from components import models
+        torch.manual_seed(params.finetune.seed)
+        torch.save({"format": models.CHECKPOINT_FORMAT, "arch": params.demo.arch,
+                    "class_names": [str(c) for c in params.demo.target_classes],
+                    "state_dict": models.build(params.demo.arch, len(params.demo.target_classes)).state_dict()},
+                   scratch_ckpt)
+        fetch(PretrainedConfig(uri=str(scratch_ckpt), arch=params.demo.arch), t / "random")
+
+        for fraction in args.fractions:
+            data = t / f"data-{fraction}"
+            n_train = subsample(t / "data", data, fraction)
+            row = {"fraction": fraction, "train_images": n_train}
+            for name, weights, cfg in (("transfer", t / "zoo", ft),
+                                       ("scratch", t / "random", ft.model_copy(update={
+                                           "freeze": [], "freeze_until": "", "unfreeze": []}))):
+                began = time.time()
+                finetune(data, t / "aug", weights, t / f"{name}-{fraction}", cfg)
+                history = json.loads((t / f"{name}-{fraction}" / "history.json").read_text())
+                row[name] = {"val_accuracy": [round(r["val_accuracy"], 4) for r in history],
+                             "best": max(r["val_accuracy"] for r in history), "seconds": round(time.time() - began, 1)}
+            target = 0.95 * max(row["transfer"]["best"], row["scratch"]["best"])
+            for name in ("transfer", "scratch"):
+                curve = [{"epoch": i + 1, "val_accuracy": a} for i, a in enumerate(row[name]["val_accuracy"])]
+                row[name]["epochs_to_95pct_of_best"] = epochs_to(curve, target)
+            row["target_accuracy"] = round(target, 4)
+            results.append(row)
+            print(f"fraction {fraction}: transfer {row['transfer']['val_accuracy']}", file=sys.stderr)
+            print(f"fraction {fraction}: scratch  {row['scratch']['val_accuracy']}", file=sys.stderr)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "transfer.json", {"epochs": args.epochs, "seconds": round(time.time() - start),
+                                            "arch": params.demo.arch, "freeze_until": ft.freeze_until,
+                                            "results": results})
+    plot(results, args.out / "transfer.png")
+    print(table(results))
+    return 0
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| train images | run | val accuracy by epoch | best | epochs to 95% of best |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        for name in ("transfer", "scratch"):
+            curve = " ".join(f"{a:.2f}" for a in r[name]["val_accuracy"])
+            reached = r[name]["epochs_to_95pct_of_best"]
+            lines.append(f"| {r['train_images']} ({r['fraction']:.0%}) | {name} | {curve} | {r[name]['best']:.3f} | "
+                         f"{reached if reached else 'not reached'} (target {r['target_accuracy']:.3f}) |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.5), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        for name in ("transfer", "scratch"):
+            acc = r[name]["val_accuracy"]
+            ax.plot(range(1, len(acc) + 1), acc, marker="o", label=name)
+        ax.axhline(r["target_accuracy"], color="grey", linestyle="--", label="95% of best")
+        ax.set_title(f"{r['train_images']} training images ({r['fraction']:.0%})")
+        ax.set_xlabel("epoch"), ax.set_ylabel("val accuracy"), ax.set_ylim(0, 1), ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

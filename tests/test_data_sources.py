@@ -1,0 +1,108 @@
+"""Datasets from S3 and from a DVC-tracked git repository, against a real SeaweedFS server."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components.config import DataConfig
+from components.data import prepare
+from components.data_sources import SourceError, safe_join
+from conftest import make_imagefolder
+
+BIN = Path(sys.executable).parent
+
+
+def _cfg(source, **kw) -> DataConfig:
+    return DataConfig(source=str(source), val_fraction=0.2, test_fraction=0.2, workers=1, **kw)
+
+
+# SeaweedFS itself refuses object keys with `..` segments, so no key that climbs can be stored there;
+# AWS S3 and others accept them, and every S3 key goes through safe_join before anything is written.
+@pytest.mark.parametrize("key", ["../x.png", "a/../../x.png", "/etc/x.png", "C:/x.png", "a\\..\\..\\x.png"])
+def test_paths_that_escape_the_destination_are_refused(tmp_path, key):
+    with pytest.raises(SourceError, match="would be written outside"):
+        safe_join(tmp_path, key, "data.source")
+
+
+def test_s3_prefix_gives_the_same_dataset_as_the_local_folder(s3_env, image_folder, tmp_path):
+    for path in image_folder.rglob("*.png"):
+        s3_env["client"].upload_file(str(path), "data", f"shapes/v1/{path.relative_to(image_folder).as_posix()}")
+    remote = prepare("s3://data/shapes/v1", tmp_path / "from-s3", _cfg("s3://data/shapes/v1"))
+    local = prepare(image_folder, tmp_path / "local", _cfg(image_folder))
+    assert remote["source"] == "s3://data/shapes/v1"
+    assert remote["fingerprint"] == local["fingerprint"] and remote["counts"] == local["counts"]
+    assert (tmp_path / "from-s3" / "manifest.csv").read_text() == (tmp_path / "local" / "manifest.csv").read_text()
+
+
+def test_empty_or_unreadable_s3_prefix_is_named(s3_env, tmp_path, monkeypatch):
+    with pytest.raises(SourceError, match=r"s3://data/nothing-here: no objects under this prefix"):
+        prepare("s3://data/nothing-here", tmp_path / "out", _cfg("s3://data/nothing-here"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(SourceError, match=r"s3://data/shapes: SignatureDoesNotMatch"):
+        prepare("s3://data/shapes", tmp_path / "out", _cfg("s3://data/shapes"))
+
+
+def _run(cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{cmd}: {proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.fixture
+def data_repo(s3_env, tmp_path):
+    """A git repository whose images are tracked by DVC and pushed to SeaweedFS: tags v1 and v2."""
+    repo = tmp_path / "data-repo"
+    repo.mkdir()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    _run(["git", "init", "-q"], repo, env)
+    _run(["dvc", "init", "-q"], repo, env)
+    _run(["dvc", "remote", "add", "-d", "store", "s3://data/dvcstore"], repo, env)
+    _run(["dvc", "remote", "modify", "store", "endpointurl", s3_env["endpoint"]], repo, env)
+    make_imagefolder(repo / "images", {"circle": 20, "square": 20})
+    _run(["dvc", "add", "images"], repo, env)
+    _run([*git, "add", "-A"], repo, env)
+    _run([*git, "commit", "-qm", "v1"], repo, env)
+    _run([*git, "tag", "v1"], repo, env)
+    _run(["dvc", "push"], repo, env)
+    make_imagefolder(repo / "images", {"circle": 25, "square": 25, "triangle": 20}, seed=5)
+    _run(["dvc", "add", "images"], repo, env)
+    _run([*git, "commit", "-qam", "v2: more images, a third class"], repo, env)
+    _run([*git, "tag", "v2"], repo, env)
+    _run(["dvc", "push"], repo, env)
+    shutil.rmtree(repo / ".dvc" / "cache")  # from now on the data can only come from the remote
+    shutil.rmtree(repo / "images")
+    return repo, env
+
+
+def test_dvc_push_and_pull_round_trip_through_the_s3_remote(data_repo):
+    repo, env = data_repo
+    _run(["dvc", "pull"], repo, env)
+    assert len(list((repo / "images").rglob("*.png"))) == 70
+
+
+def test_dataset_at_a_git_revision_comes_from_the_dvc_remote(data_repo, tmp_path):
+    repo, _ = data_repo
+    v1 = prepare("images", tmp_path / "v1", DataConfig(source="images", repo=str(repo), rev="v1", workers=1,
+                                                        val_fraction=0.2, test_fraction=0.2))
+    v2 = prepare("images", tmp_path / "v2", DataConfig(source="images", repo=str(repo), rev="v2", workers=1,
+                                                        val_fraction=0.2, test_fraction=0.2))
+    assert v1["source"] == f"{repo}@v1:images" and v1["classes"] == ["circle", "square"]
+    assert v1["num_images"] == 40 and v2["num_images"] == 70
+    dvc_file = (repo / "images.dvc").read_text()  # v2's; v1's hash differs
+    assert v2["fingerprint"] in dvc_file and v1["fingerprint"] != v2["fingerprint"]
+    assert v1["fingerprint"].endswith(".dir")
+    again = prepare("images", tmp_path / "v1-again", DataConfig(source="images", repo=str(repo), rev="v1",
+                                                                workers=1, val_fraction=0.2, test_fraction=0.2))
+    assert (tmp_path / "v1" / "manifest.csv").read_text() == (tmp_path / "v1-again" / "manifest.csv").read_text()
+    assert again["fingerprint"] == v1["fingerprint"]
+
+
+def test_unknown_revision_is_named(data_repo, tmp_path):
+    repo, _ = data_repo
+    with pytest.raises(SourceError, match=r"cannot read .*@v9:images"):
+        prepare("images", tmp_path / "o", DataConfig(source="images", repo=str(repo), rev="v9", workers=1))
