@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.requirements.sha256
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup run run-local demo-inputs compile test ui clean
+.PHONY: setup run run-local demo-inputs compile test ui stack stack-down bench-transfer clean
 
 # Idempotent: skipped when .venv was built from exactly this requirements.lock and pyproject.toml.
 setup:
@@ -37,5 +37,14 @@ test: setup
 ui: setup                      ## MLflow UI on the default local store
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
+stack: setup                   ## SeaweedFS (S3) and an MLflow server on loopback; keys in .env
+	python infra/local_stack.py up
+
+stack-down:
+	python infra/local_stack.py down
+
+bench-transfer: setup          ## zoo checkpoint vs random initialisation on the default task
+	python benchmarks/transfer.py
+
 clean:                         ## pipeline outputs and the local MLflow store (not .venv)
-	rm -rf data/raw data/prepared zoo/*.pt artifacts local_outputs mlflow.db mlruns
+	rm -rf data/raw data/prepared zoo/*.pt artifacts local_outputs checkpoints mlflow.db mlruns

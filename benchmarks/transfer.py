@@ -1,14 +1,17 @@
 """Does transfer learning pay on the default task? Zoo checkpoint vs random initialisation.
 
-    .venv/bin/python benchmarks/transfer.py            # about 4 minutes on 2 cores
+    .venv/bin/python benchmarks/transfer.py            # or make bench-transfer: about 2 minutes on 2 cores
     .venv/bin/python benchmarks/transfer.py --epochs 12 --fractions 0.1 0.3 1.0
 
 The source model is trained on digits 0-4 exactly as the demo zoo does (demo section of
 params.yaml); the target is digits 5-9 with 10%, 30% and 100% of its training images. Each
-fraction is fine-tuned twice with the same budget (epochs, optimiser, schedule, augmentation):
-from the zoo checkpoint with a new output layer and the finetune section's freezing, and the
-same architecture from random initialisation with every layer trainable. Early stopping is off so
-both curves run the whole budget. Prints a Markdown table and writes benchmarks/results/transfer.json
+fraction is fine-tuned three times with the same budget (epochs, optimiser, learning rate,
+schedule, augmentation), all with a new output layer:
+  transfer   the finetune section as it is (freezing, and re-initialising finetune.reinit)
+  keep-all   the same, but every zoo layer kept (finetune.reinit empty)
+  scratch    the same architecture from random initialisation, every layer trainable
+  probe      (with --probe) every zoo layer kept and frozen, only the new output layer trained
+Early stopping is off so every curve runs the whole budget. Prints a Markdown table and writes benchmarks/results/transfer.json
 and transfer.png. Measures; asserts nothing.
 """
 
@@ -33,6 +36,8 @@ from components.data import prepare  # noqa: E402
 from components.demo_zoo import export_digits, publish_source_model  # noqa: E402
 from components.fetch_pretrained import fetch  # noqa: E402
 from components.finetune import finetune  # noqa: E402
+
+RUNS = ("transfer", "keep-all", "scratch")
 
 
 def subsample(dataset: Path, out: Path, fraction: float) -> int:
@@ -67,7 +72,9 @@ def main(argv=None) -> int:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3, 1.0],
                         help="shares of the target training images")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--probe", action="store_true", help="add a linear probe of the zoo's features")
     args = parser.parse_args(argv)
+    runs = RUNS + (("probe",) if args.probe else ())
     params = load_params(ROOT / "params.yaml")
     ft = params.finetune.model_copy(update={"max_epochs": args.epochs, "patience": args.epochs + 1,
                                             "checkpoint_dir": ""})
@@ -97,36 +104,41 @@ def main(argv=None) -> int:
             n_train = subsample(t / "data", data, fraction)
             row = {"fraction": fraction, "train_images": n_train}
             for name, weights, cfg in (("transfer", t / "zoo", ft),
+                                       ("keep-all", t / "zoo", ft.model_copy(update={"reinit": []})),
                                        ("scratch", t / "random", ft.model_copy(update={
-                                           "freeze": [], "freeze_until": "", "unfreeze": []}))):
+                                           "freeze": [], "freeze_until": "", "unfreeze": [], "reinit": []})),
+                                       ("probe", t / "zoo", ft.model_copy(update={
+                                           "freeze": [], "freeze_until": "fc", "unfreeze": [], "reinit": []}))):
+                if name not in runs:
+                    continue
                 began = time.time()
                 finetune(data, t / "aug", weights, t / f"{name}-{fraction}", cfg)
                 history = json.loads((t / f"{name}-{fraction}" / "history.json").read_text())
                 row[name] = {"val_accuracy": [round(r["val_accuracy"], 4) for r in history],
                              "best": max(r["val_accuracy"] for r in history), "seconds": round(time.time() - began, 1)}
-            target = 0.95 * max(row["transfer"]["best"], row["scratch"]["best"])
-            for name in ("transfer", "scratch"):
+            target = 0.95 * max(row[name]["best"] for name in runs)
+            for name in runs:
                 curve = [{"epoch": i + 1, "val_accuracy": a} for i, a in enumerate(row[name]["val_accuracy"])]
                 row[name]["epochs_to_95pct_of_best"] = epochs_to(curve, target)
             row["target_accuracy"] = round(target, 4)
             results.append(row)
-            print(f"fraction {fraction}: transfer {row['transfer']['val_accuracy']}", file=sys.stderr)
-            print(f"fraction {fraction}: scratch  {row['scratch']['val_accuracy']}", file=sys.stderr)
+            for name in runs:
+                print(f"fraction {fraction}: {name:9s} {row[name]['val_accuracy']}", file=sys.stderr)
 
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "transfer.json", {"epochs": args.epochs, "seconds": round(time.time() - start),
                                             "arch": params.demo.arch, "freeze_until": ft.freeze_until,
-                                            "results": results})
-    plot(results, args.out / "transfer.png")
-    print(table(results))
+                                            "reinit": ft.reinit, "lr": ft.lr, "results": results})
+    plot(results, runs, args.out / "transfer.png")
+    print(table(results, runs))
     return 0
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict], runs) -> str:
     lines = ["| train images | run | val accuracy by epoch | best | epochs to 95% of best |",
              "|---|---|---|---|---|"]
     for r in results:
-        for name in ("transfer", "scratch"):
+        for name in runs:
             curve = " ".join(f"{a:.2f}" for a in r[name]["val_accuracy"])
             reached = r[name]["epochs_to_95pct_of_best"]
             lines.append(f"| {r['train_images']} ({r['fraction']:.0%}) | {name} | {curve} | {r[name]['best']:.3f} | "
@@ -134,14 +146,14 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], runs, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.5), squeeze=False)
     for ax, r in zip(axes[0], results):
-        for name in ("transfer", "scratch"):
+        for name in runs:
             acc = r[name]["val_accuracy"]
             ax.plot(range(1, len(acc) + 1), acc, marker="o", label=name)
         ax.axhline(r["target_accuracy"], color="grey", linestyle="--", label="95% of best")

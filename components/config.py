@@ -102,6 +102,7 @@ class LrGroup(Section):
 class FinetuneConfig(Section):
     freeze: list[str] = []
     freeze_until: str = ""          # freeze everything before this module (e.g. layer3, features.7)
+    reinit: list[str] = []          # modules to re-initialise before training (too source-specific to keep)
     unfreeze: list[UnfreezeStep] = []
     lr_groups: list[LrGroup] = []   # discriminative learning rates by module
     schedule: Literal["constant", "cosine", "step"] = "constant"

@@ -239,6 +239,9 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig)
     if pretrained["num_classes"] != len(class_names) or (source_classes and source_classes != class_names):
         head = models.replace_head(model, len(class_names))
 
+    if cfg.reinit:  # keep the generic lower layers, start the task-specific top afresh
+        models.reinit(model, arch, cfg.reinit)
+
     train_loader, val_loader = make_loaders(dataset_dir, policy, cfg, class_names)
     best_state, history = fit(model, train_loader, val_loader, cfg,
                               run_key(dataset_dir, augment_dir, pretrained_dir, cfg))

@@ -149,6 +149,23 @@ def parameters_of(model: nn.Module, patterns: list[str], what: str) -> list[nn.P
     return found
 
 
+def reinit(model: nn.Module, arch: str, patterns: list[str]) -> list[str]:
+    """Give the matched modules fresh weights, initialised as `arch` initialises them (its own
+    scheme, not PyTorch's layer defaults). Returns the state-dict keys that were reset."""
+    fresh = build(arch, model.get_submodule(head_name(model)).out_features).state_dict()
+    modules = [n for n, _ in model.named_modules() if n]
+    prefixes = []
+    for pattern in patterns:
+        matched = [n for n in modules if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise WeightsError(f"finetune.reinit: pattern '{pattern}' matches no module")
+        prefixes += [m + "." for m in matched]
+    state = model.state_dict()
+    reset = [k for k in state if k.startswith(tuple(prefixes))]
+    model.load_state_dict({**state, **{k: fresh[k] for k in reset}})
+    return reset
+
+
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

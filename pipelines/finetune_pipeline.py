@@ -28,18 +28,18 @@ def _defaults(section) -> dict:
 # ---- components ---------------------------------------------------------------------------
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def data_op(source: str, params: dict, dataset: Output[Dataset], report: Output[Markdown]):
-    """Validate and split the ImageFolder dataset at `source`."""
+def data_op(source: str, repo: str, rev: str, params: dict, dataset: Output[Dataset], report: Output[Markdown]):
+    """Fetch (a folder, s3://, or a DVC-tracked path of `repo` at `rev`), validate and split the dataset."""
     from pathlib import Path
 
     from components.config import DataConfig, parse_section
     from components.data import prepare
     from pipelines.views import data_report_markdown
 
-    cfg = parse_section(DataConfig, {**params, "source": source}, "data")
+    cfg = parse_section(DataConfig, {**params, "source": source, "repo": repo, "rev": rev}, "data")
     result = prepare(source, dataset.path, cfg)
     dataset.metadata.update({"fingerprint": result["fingerprint"], "num_images": result["num_images"],
-                             "classes": result["classes"], "source": source})
+                             "classes": result["classes"], "source": result["source"]})
     Path(report.path).write_text(data_report_markdown(result))
 
 
@@ -129,8 +129,9 @@ def register_op(reports: Input[Artifact], params: dict, registration: Output[Art
 
 # ---- pipeline -----------------------------------------------------------------------------
 
-def _with_mlflow(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """MLflow's address from a ConfigMap and its credentials from a Secret, never from parameters."""
+def _with_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """MLflow's address from a ConfigMap; MLflow's, S3's and the DVC remote's credentials from a
+    Secret. Never pipeline parameters, which the Kubeflow UI shows to anyone."""
     kubernetes.use_config_map_as_env(task, PARAMS.pipeline.mlflow_config_map,
                                      {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
     kubernetes.use_secret_as_env(task, PARAMS.pipeline.mlflow_secret, {
@@ -138,15 +139,18 @@ def _with_mlflow(task: dsl.PipelineTask) -> dsl.PipelineTask:
         "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
         "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+        "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
         "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL",
     }, optional=True)
-    return task.set_caching_options(False)  # writes to MLflow: never skip it as a cache hit
+    return task
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune a pretrained image classifier; register it in "
               "MLflow when it passes validation.")
 def finetune_pipeline(
     data_source: str = PARAMS.data.source,
+    data_repo: str = PARAMS.data.repo,
+    data_rev: str = PARAMS.data.rev,
     data: dict = _defaults(PARAMS.data),
     augment: dict = _defaults(PARAMS.augment),
     pretrained: dict = _defaults(PARAMS.pretrained),
@@ -155,9 +159,10 @@ def finetune_pipeline(
     register: dict = _defaults(PARAMS.registry),
     experiment: str = PARAMS.tracking.experiment,
 ):
-    data_task = data_op(source=data_source, params=data).set_display_name("data")
+    data_task = _with_credentials(data_op(source=data_source, repo=data_repo, rev=data_rev, params=data))
+    data_task.set_display_name("data")
     augment_task = augment_op(dataset=data_task.outputs["dataset"], params=augment).set_display_name("augment")
-    fetch_task = fetch_pretrained_op(params=pretrained).set_display_name("fetch_pretrained")
+    fetch_task = _with_credentials(fetch_pretrained_op(params=pretrained)).set_display_name("fetch_pretrained")
     finetune_task = finetune_op(dataset=data_task.outputs["dataset"], policy=augment_task.outputs["policy"],
                                 weights=fetch_task.outputs["weights"], params=finetune).set_display_name("finetune")
     finetune_task.set_cpu_request(PARAMS.pipeline.finetune_cpu).set_cpu_limit(PARAMS.pipeline.finetune_cpu)
@@ -165,13 +170,15 @@ def finetune_pipeline(
     finetune_task.set_memory_limit(PARAMS.pipeline.finetune_memory)
     if PARAMS.pipeline.finetune_gpus:
         finetune_task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(PARAMS.pipeline.finetune_gpus)
-    validate_task = _with_mlflow(validate_op(
+    # validate and register write to MLflow: never skip them as cache hits
+    validate_task = _with_credentials(validate_op(
         dataset=data_task.outputs["dataset"], policy=augment_task.outputs["policy"],
         weights=fetch_task.outputs["weights"], model=finetune_task.outputs["model"], params=validate,
-        register=register, experiment=experiment, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)).set_display_name("validate")
+        register=register, experiment=experiment, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+    validate_task.set_display_name("validate").set_caching_options(False)
     with dsl.If(validate_task.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
-        _with_mlflow(register_op(reports=validate_task.outputs["reports"], params=register)).set_display_name(
-            "register")
+        register_task = _with_credentials(register_op(reports=validate_task.outputs["reports"], params=register))
+        register_task.set_display_name("register").set_caching_options(False)
 
 
 # ---- compile, run locally, schedule -------------------------------------------------------
@@ -207,8 +214,10 @@ def run_local(params_file: Path, pipeline_root: Path):
     if "://" not in pretrained["uri"] or pretrained["uri"].startswith("file://"):
         pretrained["uri"] = _existing_path(pretrained["uri"].removeprefix("file://"), "pretrained.uri")
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
+    remote = params.data.repo or "://" in params.data.source
     return finetune_pipeline(
-        data_source=_existing_path(params.data.source, "data.source"), data=_defaults(params.data),
+        data_source=params.data.source if remote else _existing_path(params.data.source, "data.source"),
+        data_repo=params.data.repo, data_rev=params.data.rev, data=_defaults(params.data),
         augment=_defaults(params.augment), pretrained=pretrained, finetune=_defaults(params.finetune),
         validate=_defaults(params.gate), register=_defaults(params.registry), experiment=params.tracking.experiment)
 

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "infra"))  # local_stack: the same server start-up as `make stack`
 
 
 def make_imagefolder(root: Path, counts: dict[str, int], size: int = 16, seed: int = 0) -> Path:
@@ -98,22 +96,21 @@ def free_port() -> int:
                 continue
 
 
-def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
-    """Stop a server started with start_new_session=True, with everything it spawned."""
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend, local artifact store) on loopback, stopped by process group."""
+    from local_stack import start_mlflow, stop
+
+    port = free_port()
+    proc = start_mlflow(tmp_path_factory.mktemp("mlflow-server"), port)
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=timeout)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc.pid)
         proc.wait()
 
 
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "pipeline-test", "AWS_SECRET_ACCESS_KEY": "seaweed-test-secret-0123"}
-SEAWEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-                 "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "webdav.port",
-                 "debug.port", "s3.debug.port", "s3.port.iceberg", "s3.port.lance")
 
 
 @pytest.fixture(scope="session")
@@ -121,35 +118,20 @@ def s3_server(tmp_path_factory):
     """A real SeaweedFS S3 server on loopback that enforces S3_KEYS; buckets `zoo` and `data`."""
     import boto3
 
+    from local_stack import SEAWEED_PORTS, start_seaweedfs, stop
+
     home = tmp_path_factory.mktemp("seaweedfs")
-    (home / "data").mkdir()
-    (home / "logs").mkdir()
     ports = {name: free_port() for name in SEAWEED_PORTS}
-    weed = Path(sys.executable).parent / "weed"
-    log = open(home / "weed.log", "w")
-    proc = subprocess.Popen(
-        [str(weed), f"-logdir={home / 'logs'}", "mini", f"-dir={home / 'data'}", "-ip=127.0.0.1",
-         "-ip.bind=127.0.0.1", "-bucket=zoo,data", *(f"-{n}={p}" for n, p in ports.items())],
-        env={**os.environ, **S3_KEYS}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
+    proc = start_seaweedfs(home, ports, S3_KEYS, buckets=("zoo", "data"))
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                           aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
                           aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"])
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                client.head_bucket(Bucket="zoo")
-                client.head_bucket(Bucket="data")
-                break
-            except Exception:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"SeaweedFS did not start: {(home / 'weed.log').read_text()[-2000:]}")
-                time.sleep(0.5)
         yield {"endpoint": endpoint, "client": client, **S3_KEYS}
     finally:
-        stop_group(proc)
-        log.close()
+        stop(proc.pid)
+        proc.wait()
 
 
 @pytest.fixture
@@ -162,31 +144,35 @@ def s3_env(s3_server, monkeypatch):
     return s3_server
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` (SQLite backend, local artifact store) on loopback, stopped by process group."""
-    home = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-         "--artifacts-destination", str(home / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(home / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        stop_group(proc)
-        log.close()
+def _run(cmd, cwd, env) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{cmd}: {proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
+def dvc_data_repo(repo: Path, endpoint: str, folder: str, versions) -> dict:
+    """A git repository whose `folder` is tracked by DVC with an S3 remote at `endpoint`.
+
+    `versions` is a list of (tag, write(folder_path)); each is added, committed, tagged and pushed.
+    Afterwards the local cache and the data are deleted: the data can only come from the remote.
+    Returns the environment for running dvc there.
+    """
+    import shutil
+
+    repo.mkdir(parents=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    _run(["git", "init", "-q"], repo, env)
+    _run(["dvc", "init", "-q"], repo, env)
+    _run(["dvc", "remote", "add", "-d", "store", "s3://data/dvcstore"], repo, env)
+    _run(["dvc", "remote", "modify", "store", "endpointurl", endpoint], repo, env)
+    for tag, write in versions:
+        write(repo / folder)
+        _run(["dvc", "add", folder], repo, env)
+        _run([*git, "add", "-A"], repo, env)
+        _run([*git, "commit", "-qm", tag], repo, env)
+        _run([*git, "tag", tag], repo, env)
+        _run(["dvc", "push"], repo, env)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    shutil.rmtree(repo / folder)
+    return env

@@ -1,19 +1,13 @@
 """Datasets from S3 and from a DVC-tracked git repository, against a real SeaweedFS server."""
 
-import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from components.config import DataConfig
 from components.data import prepare
 from components.data_sources import SourceError, safe_join
-from conftest import make_imagefolder
-
-BIN = Path(sys.executable).parent
+from conftest import dvc_data_repo, make_imagefolder
 
 
 def _cfg(source, **kw) -> DataConfig:
@@ -46,42 +40,20 @@ def test_empty_or_unreadable_s3_prefix_is_named(s3_env, tmp_path, monkeypatch):
         prepare("s3://data/shapes", tmp_path / "out", _cfg("s3://data/shapes"))
 
 
-def _run(cmd, cwd, env):
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{cmd}: {proc.stdout}{proc.stderr}"
-    return proc.stdout
-
-
 @pytest.fixture
 def data_repo(s3_env, tmp_path):
     """A git repository whose images are tracked by DVC and pushed to SeaweedFS: tags v1 and v2."""
     repo = tmp_path / "data-repo"
-    repo.mkdir()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    _run(["git", "init", "-q"], repo, env)
-    _run(["dvc", "init", "-q"], repo, env)
-    _run(["dvc", "remote", "add", "-d", "store", "s3://data/dvcstore"], repo, env)
-    _run(["dvc", "remote", "modify", "store", "endpointurl", s3_env["endpoint"]], repo, env)
-    make_imagefolder(repo / "images", {"circle": 20, "square": 20})
-    _run(["dvc", "add", "images"], repo, env)
-    _run([*git, "add", "-A"], repo, env)
-    _run([*git, "commit", "-qm", "v1"], repo, env)
-    _run([*git, "tag", "v1"], repo, env)
-    _run(["dvc", "push"], repo, env)
-    make_imagefolder(repo / "images", {"circle": 25, "square": 25, "triangle": 20}, seed=5)
-    _run(["dvc", "add", "images"], repo, env)
-    _run([*git, "commit", "-qam", "v2: more images, a third class"], repo, env)
-    _run([*git, "tag", "v2"], repo, env)
-    _run(["dvc", "push"], repo, env)
-    shutil.rmtree(repo / ".dvc" / "cache")  # from now on the data can only come from the remote
-    shutil.rmtree(repo / "images")
+    env = dvc_data_repo(repo, s3_env["endpoint"], "images", [
+        ("v1", lambda d: make_imagefolder(d, {"circle": 20, "square": 20})),
+        ("v2", lambda d: make_imagefolder(d, {"circle": 25, "square": 25, "triangle": 20}, seed=5)),
+    ])
     return repo, env
 
 
 def test_dvc_push_and_pull_round_trip_through_the_s3_remote(data_repo):
     repo, env = data_repo
-    _run(["dvc", "pull"], repo, env)
+    subprocess.run(["dvc", "pull"], cwd=repo, env=env, check=True, capture_output=True)
     assert len(list((repo / "images").rglob("*.png"))) == 70
 
 

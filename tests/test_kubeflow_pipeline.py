@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from components.demo_zoo import export_digits
-from conftest import ROOT, save_checkpoint
+from conftest import ROOT, dvc_data_repo, save_checkpoint
 
 COMPILED = ROOT / "pipelines" / "finetune_pipeline.yaml"
 
@@ -95,15 +95,18 @@ def test_schedule_creates_one_recurring_run_without_catch_up(tmp_path):
 
 
 @pytest.mark.e2e
-def test_kfp_local_run_registers_only_when_the_gate_passes(tmp_path, mlflow_server, monkeypatch, params):
-    """The whole DAG through kfp.local, logging to a real MLflow server."""
+def test_kfp_local_run_registers_only_when_the_gate_passes(tmp_path, mlflow_server, s3_env, monkeypatch, params):
+    """The whole DAG through kfp.local, logging to a real MLflow server, with the dataset taken at a git
+    tag from a DVC remote on a real S3 server."""
     from pipelines.finetune_pipeline import run_local
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    export_digits([5, 6, 7], tmp_path / "digits")
+    repo = tmp_path / "data-repo"
+    dvc_data_repo(repo, s3_env["endpoint"], "digits", [("v1", lambda d: export_digits([5, 6, 7], d)),
+                                                        ("v2", lambda d: export_digits([5, 6, 7, 8], d))])
     zoo = save_checkpoint(tmp_path / "zoo.pt", "resnet18", ["0", "1", "2", "3"])
     raw = params.model_dump(mode="json", by_alias=True)
-    raw["data"]["source"] = str(tmp_path / "digits")
+    raw["data"].update(source="digits", repo=str(repo), rev="v1")
     raw["pretrained"]["uri"] = str(zoo)
     raw["augment"].update(image_size=16, preview_images=2)
     raw["finetune"].update(max_epochs=2, freeze=["conv1", "bn1"])
@@ -128,3 +131,7 @@ def test_kfp_local_run_registers_only_when_the_gate_passes(tmp_path, mlflow_serv
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
     runs = client.search_runs([client.get_experiment_by_name("kfp-local").experiment_id])
     assert sorted(r.data.tags["gate_passed"] for r in runs) == ["false", "true"]
+    dataset = run.inputs.dataset_inputs[0].dataset  # the data of tag v1: three classes, not v2's four
+    assert run.data.tags["data_source"] == f"{repo}@v1:digits" and dataset.digest.endswith(".dir")
+    assert run.data.tags["data_fingerprint"] == dataset.digest == version.tags["data_fingerprint"]
+    assert run.data.metrics["test_recall_7"] > 0 and "test_recall_8" not in run.data.metrics

@@ -132,3 +132,18 @@ def test_run_killed_in_epoch_3_resumes_after_epoch_2_and_ends_with_identical_wei
     assert json.loads((t / "straight" / "history.json").read_text()) == \
         json.loads((t / "resumed" / "history.json").read_text())
     assert not marker.exists()  # a finished run leaves no checkpoint to resume by mistake
+
+
+def test_reinit_resets_only_the_named_modules_with_the_architectures_own_init():
+    torch.manual_seed(0)
+    model = models.build("resnet18", 4)
+    for p in model.parameters():
+        p.data.fill_(0.5)  # stands for trained weights
+    reset = models.reinit(model, "resnet18", ["layer4"])
+    assert reset and all(k.startswith("layer4.") for k in reset)
+    state = model.state_dict()
+    assert torch.all(state["layer3.1.conv2.weight"] == 0.5) and torch.all(state["fc.weight"] == 0.5)
+    assert state["layer4.0.bn1.weight"].eq(1).all()  # torchvision's BatchNorm init: weight 1, bias 0
+    assert state["layer4.1.conv2.weight"].std() > 0.01  # kaiming-initialised, not 0.5 everywhere
+    with pytest.raises(models.WeightsError, match=r"finetune.reinit: pattern 'layer7' matches no module"):
+        models.reinit(model, "resnet18", ["layer7"])

@@ -1,0 +1,169 @@
+"""The local stack: a SeaweedFS S3 server and an MLflow tracking server on loopback.
+
+    python infra/local_stack.py up      # or: make stack
+    python infra/local_stack.py down    # or: make stack-down
+
+Keys come from `.env` (git-ignored); `up` writes random ones there the first time, and never
+prints them. Both servers run in their own process sessions; their pids, logs and data live in
+`.stack/`. `up` also points a git-ignored DVC remote (`.dvc/config.local`) at the S3 server.
+The tests start SeaweedFS through `start_seaweedfs` too, on ports of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STACK = ROOT / ".stack"
+BIN = Path(sys.executable).parent
+# weed mini opens all of these; each gRPC port is its HTTP port + 10000 unless given.
+SEAWEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                 "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "webdav.port",
+                 "debug.port", "s3.debug.port", "s3.port.iceberg", "s3.port.lance")
+BUCKETS = ("data", "zoo", "mlflow")
+
+
+def read_env(path: Path) -> dict[str, str]:
+    values = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if "=" in line and not line.lstrip().startswith("#"):
+                key, _, value = line.partition("=")
+                values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def ensure_keys(path: Path) -> dict[str, str]:
+    """S3 keys from `path`, created (mode 600) with random values when missing."""
+    values = read_env(path)
+    if not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= values.keys():
+        values.setdefault("AWS_ACCESS_KEY_ID", "stack-" + secrets.token_hex(6))
+        values.setdefault("AWS_SECRET_ACCESS_KEY", secrets.token_urlsafe(30))
+        path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+        path.chmod(0o600)
+    return values
+
+
+def start_seaweedfs(home: Path, ports: dict[str, int], keys: dict[str, str], buckets=BUCKETS) -> subprocess.Popen:
+    """`weed mini` on 127.0.0.1 with every port given, enforcing `keys`; returns once S3 answers."""
+    import boto3
+
+    (home / "data").mkdir(parents=True, exist_ok=True)
+    (home / "logs").mkdir(exist_ok=True)
+    log = open(home / "weed.log", "a")
+    proc = subprocess.Popen(
+        [str(BIN / "weed"), f"-logdir={home / 'logs'}", "mini", f"-dir={home / 'data'}", "-ip=127.0.0.1",
+         "-ip.bind=127.0.0.1", f"-bucket={','.join(buckets)}", *(f"-{n}={p}" for n, p in ports.items())],
+        env={**os.environ, **keys}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{ports['s3.port']}", region_name="us-east-1",
+                          aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])
+    deadline = time.time() + 90
+    while True:
+        try:
+            for bucket in buckets:
+                client.head_bucket(Bucket=bucket)
+            return proc
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                stop(proc.pid)
+                raise RuntimeError(f"SeaweedFS did not start; see {home / 'weed.log'}") from None
+            time.sleep(0.5)
+
+
+def start_mlflow(home: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` with a SQLite store in `home`; returns once /health answers (up to ~30 s here)."""
+    log = open(home / "mlflow.log", "a")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination",
+         str(home / "mlflow-artifacts")], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            stop(proc.pid)
+            raise RuntimeError(f"mlflow server did not start; see {home / 'mlflow.log'}")
+        time.sleep(0.5)
+
+
+def stop(pid: int, timeout: float = 20) -> None:
+    """End a process group started with start_new_session=True."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(pid, signal.SIGKILL)
+
+
+def _running(name: str) -> bool:
+    pid_file = STACK / f"{name}.pid"
+    try:
+        os.killpg(int(pid_file.read_text()), 0)
+        return True
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+
+
+def up(base_port: int) -> None:
+    if _running("seaweedfs") or _running("mlflow"):
+        raise SystemExit("stack: already up (make stack-down first)")
+    STACK.mkdir(exist_ok=True)
+    keys = ensure_keys(ROOT / ".env")
+    ports = {name: base_port + i for i, name in enumerate(SEAWEED_PORTS)}
+    mlflow_port = base_port + len(SEAWEED_PORTS)
+    weed = start_seaweedfs(STACK / "seaweedfs", ports, keys)
+    (STACK / "seaweedfs.pid").write_text(str(weed.pid))
+    mlflow = start_mlflow(STACK, mlflow_port)
+    (STACK / "mlflow.pid").write_text(str(mlflow.pid))
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    dvc = [str(BIN / "dvc"), "remote"]
+    subprocess.run([*dvc, "add", "--local", "--force", "-d", "stack", "s3://data/dvcstore"], cwd=ROOT, check=True)
+    subprocess.run([*dvc, "modify", "--local", "stack", "endpointurl", endpoint], cwd=ROOT, check=True)
+    print(f"stack up: S3 {endpoint} (buckets {', '.join(BUCKETS)}; keys in .env), "
+          f"MLflow http://127.0.0.1:{mlflow_port}, DVC remote 'stack'. To use them:\n"
+          f"  set -a; . ./.env; set +a\n"
+          f"  export AWS_ENDPOINT_URL={endpoint} MLFLOW_TRACKING_URI=http://127.0.0.1:{mlflow_port}")
+
+
+def down() -> None:
+    for name in ("mlflow", "seaweedfs"):
+        pid_file = STACK / f"{name}.pid"
+        if pid_file.exists():
+            stop(int(pid_file.read_text()))
+            pid_file.unlink()
+            print(f"stack down: {name} stopped")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("--base-port", type=int, default=int(os.environ.get("STACK_BASE_PORT", 18300)),
+                        help="first of 16 consecutive ports (S3 is base+6, MLflow base+15); at most 55520")
+    args = parser.parse_args(argv)
+    up(args.base_port) if args.command == "up" else down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""`make stack`: the local SeaweedFS and MLflow servers come up with keys from .env and go down again."""
+
+import os
+import subprocess
+import sys
+import urllib.request
+
+import boto3
+import pytest
+
+from conftest import ROOT, free_port
+
+
+@pytest.mark.e2e
+def test_stack_comes_up_with_keys_from_dot_env_and_goes_down(tmp_path):
+    # A copy of the parts the stack needs, so the real .env, .stack and .dvc/config.local stay untouched.
+    repo = tmp_path / "repo"
+    (repo / "infra").mkdir(parents=True)
+    (repo / "infra" / "local_stack.py").write_text((ROOT / "infra" / "local_stack.py").read_text())
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "dvc"), "init", "-q"], cwd=repo, check=True)
+    base = free_port() // 100 * 100 % 50000 + 2000  # 16 consecutive ports below 55536
+    script = [sys.executable, str(repo / "infra" / "local_stack.py")]
+    up = subprocess.run([*script, "up", "--base-port", str(base)], cwd=repo, capture_output=True, text=True)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        env = dict(line.split("=", 1) for line in (repo / ".env").read_text().splitlines())
+        assert oct((repo / ".env").stat().st_mode & 0o777) == "0o600"
+        assert env["AWS_SECRET_ACCESS_KEY"] not in up.stdout + up.stderr  # keys never printed
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{base + 6}", region_name="us-east-1",
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        assert {b["Name"] for b in s3.list_buckets()["Buckets"]} >= {"data", "zoo", "mlflow"}
+        with urllib.request.urlopen(f"http://127.0.0.1:{base + 15}/health", timeout=5) as r:
+            assert r.status == 200
+        assert f"endpointurl = http://127.0.0.1:{base + 6}" in (repo / ".dvc" / "config.local").read_text()
+    finally:
+        down = subprocess.run([*script, "down"], cwd=repo, capture_output=True, text=True)
+    assert down.returncode == 0 and "seaweedfs stopped" in down.stdout
+    assert not (repo / ".stack" / "mlflow.pid").exists()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{base + 15}/health", timeout=2)
