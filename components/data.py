@@ -14,7 +14,6 @@ import argparse
 import csv
 import hashlib
 import os
-import shutil
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -26,8 +25,8 @@ from tqdm import tqdm
 
 from components.atomic import atomic_dir, write_json
 from components.config import DataConfig, load_params
-from components.data_sources import describe, materialize
-from components.images import decode
+from components.data_sources import describe, materialize, redact
+from components.images import check
 
 SPLITS = ("train", "val", "test")
 PARALLEL_FROM = 256  # files; below this a process pool costs more than it saves
@@ -46,17 +45,25 @@ class ImageRecord:
     height: int
 
 
-def inspect_file(path: str, root: str = "") -> tuple[str, int, int] | str:
-    """(sha256, width, height) for a decodable image, else the reason it is not one."""
+def inspect_file(path: str, root: str = "", copy_to: str = "") -> tuple[str, int, int] | str:
+    """(sha256, width, height) for a decodable image, else the reason it is not one.
+
+    With `copy_to`, a valid file's bytes are also written to `copy_to`/<path relative to root>:
+    each file is read once, and the copying runs in the same worker processes as the decoding.
+    """
     if root and os.path.islink(path) and not Path(path).resolve().is_relative_to(root):
         return f"symlink pointing outside the dataset folder (to {Path(path).resolve()})"
     try:
         with open(path, "rb") as f:
             data = f.read()
-        img = decode(data)
+        width, height = check(data)
     except (ValueError, OSError) as err:
         return str(err)
-    return hashlib.sha256(data).hexdigest(), img.width, img.height
+    if copy_to:
+        dest = Path(copy_to, os.path.relpath(path, root))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+    return hashlib.sha256(data).hexdigest(), width, height
 
 
 def list_images(source: Path, cfg: DataConfig) -> tuple[dict[str, list[Path]], list[str]]:
@@ -122,9 +129,11 @@ def prepare(source: str | Path, out: str | Path, cfg: DataConfig) -> dict:
         return _prepare(local, out, cfg, dvc_hash)
 
 
-def _check(paths: list[Path], root: Path, workers: int) -> list:
-    progress = dict(total=len(paths), desc="data: decoding", unit="img", file=sys.stderr)
-    check = partial(inspect_file, root=str(root.resolve()))
+def _check(paths: list[Path], root: Path, workers: int, copy_to: Path) -> list:
+    progress = dict(total=len(paths), desc="data: validating", unit="img", file=sys.stderr)
+    # paths are handed over resolved, so relpath against the resolved root names the class folder
+    check = partial(inspect_file, root=str(root.resolve()), copy_to=str(copy_to))
+    paths = [root.resolve() / p.relative_to(root) for p in paths]
     if workers > 1 and len(paths) >= PARALLEL_FROM:
         with ProcessPoolExecutor(workers) as pool:
             return list(tqdm(pool.map(check, map(str, paths), chunksize=64), **progress))
@@ -134,7 +143,13 @@ def _check(paths: list[Path], root: Path, workers: int) -> list:
 def _prepare(source: Path, out, cfg: DataConfig, dvc_hash: str | None) -> dict:
     files, ignored = list_images(source, cfg)
     paths = [p for label in files for p in files[label]]
-    results = _check(paths, source, cfg.workers or os.cpu_count() or 1)
+    with atomic_dir(out) as tmp:  # any error below removes it: nothing half-written stays
+        report = _validate_and_write(source, paths, files, ignored, tmp, cfg, dvc_hash)
+    return report
+
+
+def _validate_and_write(source, paths, files, ignored, tmp: Path, cfg: DataConfig, dvc_hash) -> dict:
+    results = _check(paths, source, cfg.workers or os.cpu_count() or 1, tmp / "images")
 
     invalid = [(p, r) for p, r in zip(paths, results) if isinstance(r, str)]
     listing = "\n  ".join(f"{p}: {r}" for p, r in invalid)
@@ -179,20 +194,15 @@ def _prepare(source: Path, out, cfg: DataConfig, dvc_hash: str | None) -> dict:
         "duplicates": [group for group in by_hash.values() if len(group) > 1],
         "ignored_files": ignored,
         "excluded": [{"path": p.relative_to(source).as_posix(), "reason": r} for p, r in invalid],
-        "config": cfg.model_dump(mode="json"),
+        "config": {**cfg.model_dump(mode="json"), "repo": redact(cfg.repo)},
     }
 
-    with atomic_dir(out) as tmp:
-        for r in tqdm(records, desc="data: copying", unit="img", file=sys.stderr):
-            dest = tmp / "images" / r.relpath
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source / r.relpath, dest)
-        with open(tmp / "manifest.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "label", "split", "sha256", "width", "height"])
-            for r in records:
-                writer.writerow([f"images/{r.relpath}", r.label, splits[r.relpath], r.sha256, r.width, r.height])
-        write_json(tmp / "report.json", report)
+    with open(tmp / "manifest.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split", "sha256", "width", "height"])
+        for r in records:
+            writer.writerow([f"images/{r.relpath}", r.label, splits[r.relpath], r.sha256, r.width, r.height])
+    write_json(tmp / "report.json", report)
     return report
 
 

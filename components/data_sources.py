@@ -22,10 +22,19 @@ def safe_join(root: Path, relative: str, what: str) -> Path:
     return root.joinpath(*parts)
 
 
+def redact(url: str) -> str:
+    """`url` without any user:password@ part, so a token in a repository URL never reaches a log,
+    a report or MLflow."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{scheme}://{rest.split('@', 1)[1]}"
+    return url
+
+
 def describe(cfg: DataConfig) -> str:
     """The source as MLflow records it: repo@rev:path, an S3 URI, or a local path."""
     if cfg.repo:
-        return f"{cfg.repo}@{cfg.rev or 'HEAD'}:{cfg.source}"
+        return f"{redact(cfg.repo)}@{cfg.rev or 'HEAD'}:{cfg.source}"
     return cfg.source
 
 
@@ -53,8 +62,8 @@ def _from_dvc(cfg: DataConfig, staging: Path) -> tuple[Path, str | None]:
     except SourceError:
         raise
     except Exception as err:  # DVC and scmrepo raise many kinds; the message names the source either way
-        raise SourceError(f"data.repo/data.rev/data.source: cannot read {where}: {type(err).__name__}: {err}") \
-            from None
+        raise SourceError(f"data.repo/data.rev/data.source: cannot read {where}: {type(err).__name__}: "
+                          f"{str(err).replace(cfg.repo, redact(cfg.repo))}") from None
     dvc_hash = (info.get("dvc_info") or {}).get("md5") or info.get("md5")
     return staging, dvc_hash
 

@@ -28,8 +28,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
+def check(data: bytes) -> tuple[int, int]:
+    """Decode an encoded image (nothing else) and return its size, or raise ValueError saying why
+    it is unusable. What the data step runs on every file. JPEGs are decoded at 1/8 scale: every
+    byte of their compressed data is still read and decoded (a truncated or corrupt scan fails
+    just the same), without the cost of the full-size pixels."""
+    return _open(data, draft=True)[1]
+
+
 def decode(data: bytes) -> Image.Image:
     """Fully decode an encoded image into an upright RGB image, or raise ValueError saying why."""
+    return to_rgb(ImageOps.exif_transpose(_open(data)[0]))
+
+
+def _open(data: bytes, draft: bool = False) -> tuple[Image.Image, tuple[int, int]]:
+    """The decoded image and its size as stored (before any draft scaling)."""
     if not data:
         raise ValueError("empty file (0 bytes)")
     with warnings.catch_warnings():
@@ -41,6 +54,8 @@ def decode(data: bytes) -> Image.Image:
                 raise ValueError(f"declared size {width}x{height} exceeds {MAX_PIXELS} pixels (decompression bomb)")
             if getattr(img, "n_frames", 1) > 1:
                 raise ValueError(f"animated image with {img.n_frames} frames")
+            if draft and img.format == "JPEG":
+                img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
             img.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise ValueError(f"decompression bomb: {err}") from None
@@ -48,7 +63,7 @@ def decode(data: bytes) -> Image.Image:
             raise ValueError("not a recognised image format") from None
         except (OSError, SyntaxError) as err:
             raise ValueError(f"truncated or corrupt image data ({err})") from None
-    return to_rgb(ImageOps.exif_transpose(img))
+    return img, (width, height)
 
 
 def load_rgb(path) -> Image.Image:

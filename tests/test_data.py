@@ -213,7 +213,10 @@ def _bad_corpus(folder):
     (folder / "triangle" / "bomb.png").write_bytes(_png_declaring(30000, 30000))
     frames = [Image.new("RGB", (4, 4), c) for c in ("red", "green")]
     frames[0].save(folder / "triangle" / "anim.gif", save_all=True, append_images=frames[1:])
-    return {"square/truncated.png", "circle/notes.jpg", "circle/zero.png", "triangle/bomb.png", "triangle/anim.gif"}
+    photo = _encode(Image.effect_noise((64, 48), 40).convert("RGB"), "JPEG", quality=90)
+    (folder / "square" / "cut.jpg").write_bytes(photo[: len(photo) * 2 // 3])  # validated at 1/8 scale
+    return {"square/truncated.png", "circle/notes.jpg", "circle/zero.png", "triangle/bomb.png", "triangle/anim.gif",
+            "square/cut.jpg"}
 
 
 def test_bad_input_corpus_gives_one_clear_message_per_file(image_folder, tmp_path):
@@ -232,5 +235,5 @@ def test_skip_mode_excludes_bad_files_and_lists_them(image_folder, tmp_path):
     assert report["num_images"] == 90
     assert {e["path"] for e in report["excluded"]} == bad
     assert all(e["reason"] for e in report["excluded"])
-    with pytest.raises(DataError, match=r"5 of 95 files are unreadable \(5.3%\), more than data.max_invalid_fraction"):
+    with pytest.raises(DataError, match=r"6 of 96 files are unreadable \(6.2%\), more than data.max_invalid_fraction"):
         prepare(image_folder, tmp_path / "out2", _cfg(image_folder, on_invalid="skip", max_invalid_fraction=0.05))

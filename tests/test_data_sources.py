@@ -6,7 +6,7 @@ import pytest
 
 from components.config import DataConfig
 from components.data import prepare
-from components.data_sources import SourceError, safe_join
+from components.data_sources import SourceError, describe, redact, safe_join
 from conftest import dvc_data_repo, make_imagefolder
 
 
@@ -78,3 +78,10 @@ def test_unknown_revision_is_named(data_repo, tmp_path):
     repo, _ = data_repo
     with pytest.raises(SourceError, match=r"cannot read .*@v9:images"):
         prepare("images", tmp_path / "o", DataConfig(source="images", repo=str(repo), rev="v9", workers=1))
+
+
+def test_credentials_in_a_repository_url_never_reach_the_report():
+    url = "https://ci-bot:ghp_s3cr3t@git.example.com/team/data.git"
+    assert redact(url) == "https://git.example.com/team/data.git"
+    assert "s3cr3t" not in describe(DataConfig(source="images", repo=url, rev="v3"))
+    assert redact("/local/path") == "/local/path" and redact("s3://bucket/key") == "s3://bucket/key"
