@@ -68,6 +68,20 @@ def replace_head(model: nn.Module, num_classes: int) -> str:
     return name
 
 
+def match_modules(model: nn.Module, patterns: list[str], setting: str) -> list[str]:
+    """Names of the modules matching any of `patterns` (fnmatch), in model order; a pattern that
+    matches nothing is an error naming `setting`, since it is almost always a typo."""
+    names = [n for n, _ in model.named_modules() if n]
+    matched = []
+    for pattern in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            top = ", ".join(n for n in names if "." not in n)
+            raise WeightsError(f"{setting}: pattern '{pattern}' matches no module; top-level modules: {top}")
+        matched += [n for n in hits if n not in matched]
+    return matched
+
+
 def freeze(model: nn.Module, patterns: list[str]) -> list[nn.Module]:
     """Freeze every module whose name matches a pattern (with all its children).
 
@@ -77,19 +91,14 @@ def freeze(model: nn.Module, patterns: list[str]) -> list[nn.Module]:
     modules = dict(model.named_modules())
     head = head_name(model)
     frozen_bn = []
-    for pattern in patterns:
-        matched = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
-        if not matched:
-            top = ", ".join(n for n in modules if n and "." not in n)
-            raise WeightsError(f"finetune.freeze: pattern '{pattern}' matches no module; top-level modules: {top}")
-        if any(head == n or head.startswith(n + ".") for n in matched):
-            raise WeightsError(f"finetune.freeze: pattern '{pattern}' would freeze the output layer '{head}'")
-        for name in matched:
-            for m in modules[name].modules():
-                for p in m.parameters(recurse=False):
-                    p.requires_grad_(False)
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in frozen_bn:
-                    frozen_bn.append(m)
+    for name in match_modules(model, patterns, "finetune.freeze"):
+        if head == name or head.startswith(name + "."):
+            raise WeightsError(f"finetune.freeze: '{name}' would freeze the output layer '{head}'")
+        for m in modules[name].modules():
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in frozen_bn:
+                frozen_bn.append(m)
     return frozen_bn
 
 
@@ -116,36 +125,26 @@ def modules_before(model: nn.Module, until: str) -> list[str]:
 
 def unfreeze(model: nn.Module, patterns: list[str], frozen_bn: list[nn.Module]) -> list[nn.Parameter]:
     """Make the matched modules trainable again; returns the parameters that were frozen until now."""
-    modules = dict(model.named_modules())
     woken = []
-    for pattern in patterns:
-        matched = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
-        if not matched:
-            raise WeightsError(f"finetune.unfreeze: pattern '{pattern}' matches no module")
-        for name in matched:
-            for m in modules[name].modules():
-                for p in m.parameters(recurse=False):
-                    if not p.requires_grad:
-                        p.requires_grad_(True)
-                        woken.append(p)
-                if m in frozen_bn:
-                    frozen_bn.remove(m)
+    for name in match_modules(model, patterns, "finetune.unfreeze"):
+        for m in model.get_submodule(name).modules():
+            for p in m.parameters(recurse=False):
+                if not p.requires_grad:
+                    p.requires_grad_(True)
+                    woken.append(p)
+            if m in frozen_bn:
+                frozen_bn.remove(m)
     return woken
 
 
-def parameters_of(model: nn.Module, patterns: list[str], what: str) -> list[nn.Parameter]:
+def parameters_of(model: nn.Module, patterns: list[str], setting: str) -> list[nn.Parameter]:
     """Trainable parameters of the modules matching `patterns` (each parameter once)."""
-    modules = dict(model.named_modules())
     found, seen = [], set()
-    for pattern in patterns:
-        matched = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
-        if not matched:
-            raise WeightsError(f"{what}: pattern '{pattern}' matches no module")
-        for name in matched:
-            for p in modules[name].parameters():
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    found.append(p)
+    for name in match_modules(model, patterns, setting):
+        for p in model.get_submodule(name).parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                found.append(p)
     return found
 
 
@@ -153,15 +152,9 @@ def reinit(model: nn.Module, arch: str, patterns: list[str]) -> list[str]:
     """Give the matched modules fresh weights, initialised as `arch` initialises them (its own
     scheme, not PyTorch's layer defaults). Returns the state-dict keys that were reset."""
     fresh = build(arch, model.get_submodule(head_name(model)).out_features).state_dict()
-    modules = [n for n, _ in model.named_modules() if n]
-    prefixes = []
-    for pattern in patterns:
-        matched = [n for n in modules if fnmatch.fnmatchcase(n, pattern)]
-        if not matched:
-            raise WeightsError(f"finetune.reinit: pattern '{pattern}' matches no module")
-        prefixes += [m + "." for m in matched]
+    prefixes = tuple(name + "." for name in match_modules(model, patterns, "finetune.reinit"))
     state = model.state_dict()
-    reset = [k for k in state if k.startswith(tuple(prefixes))]
+    reset = [k for k in state if k.startswith(prefixes)]
     model.load_state_dict({**state, **{k: fresh[k] for k in reset}})
     return reset
 
