@@ -29,8 +29,10 @@ def git_state() -> dict[str, str]:
         return {"git_commit": os.environ["GIT_COMMIT"]}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        # dvc.lock and the uncached reports in artifacts/ change with every run; the code is what counts
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)dvc.lock"], capture_output=True, text=True, check=True).stdout
+                                ":(exclude)dvc.lock", ":(exclude)artifacts"],
+                               capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return {}
     return {"git_commit": commit.strip(), "git_dirty": str(bool(dirty.strip())).lower()}
