@@ -97,9 +97,18 @@ def find_champion(registry: RegisterConfig) -> dict | None:
     version = current_version(client, registry.model_name, registry.alias)
     if version is None:
         return None
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.model_name}/{version}"))
-    return {"version": version, "run_id": client.get_model_version(registry.model_name, version).run_id,
-            "model": ImageClassifier.from_checkpoint(next(local.glob("artifacts/*.pt")))}
+    champion = {"version": version, "run_id": client.get_model_version(registry.model_name, version).run_id,
+                "model": None}
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.model_name}/{version}"))
+        checkpoint = next(local.glob("artifacts/*.pt"), None)
+        if checkpoint is None:
+            champion["unusable"] = "it holds no pipeline checkpoint (registered by other means or an older version)"
+        else:
+            champion["model"] = ImageClassifier.from_checkpoint(checkpoint)
+    except Exception as err:  # an unreadable champion must not stop a challenger from being judged
+        champion["unusable"] = f"it could not be loaded ({type(err).__name__}: {err})"
+    return champion
 
 
 def _compare(champion: dict | None, challenger: ImageClassifier, y_true: np.ndarray, y_pred: np.ndarray,
@@ -108,6 +117,9 @@ def _compare(champion: dict | None, challenger: ImageClassifier, y_true: np.ndar
         return {"skipped": "validate.compare_with_champion is false"}
     if champion is None:
         return {"skipped": "no champion yet: the thresholds alone decide"}
+    if champion["model"] is None:
+        return {"skipped": f"champion v{champion['version']} is not comparable: {champion['unusable']}",
+                "champion_version": champion["version"]}
     if champion["model"].class_names != challenger.class_names:
         return {"skipped": f"champion v{champion['version']} has classes {champion['model'].class_names}, "
                            f"the challenger {challenger.class_names}: not comparable",
@@ -125,7 +137,8 @@ def validate(dataset_dir, model_dir, out, cfg: ValidateConfig, champion: dict | 
     class_names = challenger.class_names
     index = {c: i for i, c in enumerate(class_names)}
     test = read_split(dataset_dir, "test")
-    comparable = champion is not None and champion["model"].class_names == class_names
+    comparable = champion is not None and champion["model"] is not None and \
+        champion["model"].class_names == class_names
     probs, champion_pred = [], []
     for start in tqdm(range(0, len(test), CHUNK), desc="validate", unit="chunk", file=sys.stderr, disable=None):
         images = [np.asarray(load_rgb(path)) for path, _ in test[start:start + CHUNK]]

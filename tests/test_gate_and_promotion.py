@@ -135,6 +135,21 @@ def test_champion_with_other_classes_is_skipped_with_the_reason(digits, server, 
     assert "has classes ['1', '2'], the challenger ['5', '6', '7']: not comparable" in gate["champion"]["skipped"]
 
 
+class _Constant(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return [0] * len(model_input)
+
+
+def test_champion_registered_by_other_means_is_skipped_not_a_crash(digits, server, tmp_path):
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="model", python_model=_Constant())
+    version = mlflow.register_model(info.model_uri, "digits-foreign")
+    server.set_registered_model_alias("digits-foreign", "champion", version.version)
+    gate = _pipeline_run(digits, "good", tmp_path / "v", RegisterConfig(model_name="digits-foreign"))
+    assert gate["passed"]
+    assert gate["champion"]["skipped"].startswith("champion v1 is not comparable: it holds no pipeline checkpoint")
+
+
 def test_manual_promotion_sets_only_the_challenger_alias(digits, server, tmp_path):
     reg = RegisterConfig(model_name="digits-manual", promotion="manual")
     _pipeline_run(digits, "good", tmp_path / "v", reg)
