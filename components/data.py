@@ -70,7 +70,6 @@ def list_images(source: Path, cfg: DataConfig) -> tuple[dict[str, list[Path]], l
     """Class folders and their image files; also the names of files ignored as non-images."""
     if not source.is_dir():
         raise DataError(f"data.source: {source} is not a directory")
-    root = source.resolve()
     present = sorted(p.name for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     if cfg.classes:
         missing = [c for c in cfg.classes if c not in present]
