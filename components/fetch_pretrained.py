@@ -22,6 +22,7 @@ import torch
 from components import models
 from components.atomic import atomic_dir, sha256_file, write_json
 from components.config import PretrainedConfig, load_params
+from components.data_sources import redact
 from components.model_zoo import FetchError, resolve
 
 __all__ = ["FetchError", "fetch"]
@@ -62,8 +63,8 @@ def fetch(cfg: PretrainedConfig, out: str | Path) -> dict:
     models.load_weights(models.build(cfg.arch, num_classes), state_dict, cfg.arch)  # fail now, not in finetune
     class_names = names_in_file or class_names
     info = {
-        "uri": cfg.uri,
-        "resolved_uri": source,  # models:/name@alias -> the version it pointed at
+        "uri": redact(cfg.uri),  # a token in an https:// URL must not reach reports or MLflow
+        "resolved_uri": redact(source),  # models:/name@alias -> the version it pointed at
         "sha256": sha256,
         "size_bytes": path.stat().st_size,
         "arch": cfg.arch,
