@@ -209,11 +209,3 @@ def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
         return Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_describe(err, str(path))) from None
-
-
-def flatten(section_name: str, section: Section) -> dict[str, str]:
-    """`{"finetune.lr": "0.01", ...}`: the form MLflow parameters take."""
-    out = {}
-    for key, value in section.model_dump(mode="json").items():
-        out[f"{section_name}.{key}"] = str(value)
-    return out
