@@ -1,13 +1,16 @@
 # `make run` and `make test` are the quick start; every target sets up .venv first when needed.
-VENV   := .venv
+VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.requirements.sha256
-export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+PLOTS  := .dvc/plots/offline.html
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run run-local demo-inputs compile test ui stack stack-down bench-transfer clean
+.PHONY: setup venv run run-local demo-inputs generate init test ui screenshot stack stack-down bench-transfer clean
+
+setup: venv $(PLOTS)
 
 # Idempotent: skipped when .venv was built from exactly this requirements.lock and pyproject.toml.
-setup:
+venv:
 	@want=$$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1); \
 	if [ -x $(PY) ] && [ "$$(cat $(STAMP) 2>/dev/null)" = "$$want" ]; then \
 		echo "setup: $(VENV) matches requirements.lock"; \
@@ -19,6 +22,16 @@ setup:
 		echo "$$want" > $(STAMP); \
 	fi
 
+# `dvc plots show` offline: the Vega libraries from the npm registry, inlined into DVC's HTML template.
+$(PLOTS): infra/plots/package-lock.json infra/plots/offline_template.py
+	@if command -v npm >/dev/null; then \
+		(cd infra/plots && npm ci --no-audit --no-fund --silent) && \
+		$(PY) infra/plots/offline_template.py $@ && \
+		dvc config --local plots.html_template plots/offline.html; \
+	else \
+		echo "setup: npm not found: \`dvc plots show\` will load the Vega libraries from their CDN"; \
+	fi
+
 run: setup                     ## the default pipeline with DVC: only stages whose inputs changed run
 	dvc repro
 
@@ -28,14 +41,21 @@ demo-inputs: setup             ## the demo's digits and zoo checkpoint (DVC's tw
 run-local: demo-inputs         ## the Kubeflow DAG on this machine through kfp.local
 	python -m pipelines run-local
 
-compile: setup                 ## rewrite pipelines/finetune_pipeline.yaml from pipelines/ and params.yaml
-	python -m pipelines compile
+generate: setup                ## rewrite dvc.yaml and pipelines/finetune_pipeline.yaml from pipelines/dag.py, params.yaml
+	python -m pipelines generate
+
+init: setup                    ## your own images: make init DATA=path/or/s3 WEIGHTS=torchvision://resnet50?weights=IMAGENET1K_V2
+	@test -n "$(DATA)" -a -n "$(WEIGHTS)" || { echo "usage: make init DATA=<folder or s3://bucket/prefix> WEIGHTS=<pretrained URI> [ARCH=...] [NAME=...]"; exit 2; }
+	python -m pipelines init --data "$(DATA)" --weights "$(WEIGHTS)" $(if $(ARCH),--arch "$(ARCH)") $(if $(NAME),--name "$(NAME)")
 
 test: setup
 	python -m pytest
 
 ui: setup                      ## MLflow UI on the default local store
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+screenshot: setup              ## PNGs of the MLflow UI (runs, the latest run, the champion) in headless Chromium
+	python infra/mlflow_screenshot.py --store mlflow.db --out screenshots
 
 stack: setup                   ## SeaweedFS (S3) and an MLflow server on loopback; keys in .env
 	python infra/local_stack.py up
@@ -47,4 +67,4 @@ bench-transfer: setup          ## zoo checkpoint vs random initialisation on the
 	python benchmarks/transfer.py
 
 clean:                         ## pipeline outputs and the local MLflow store (not .venv)
-	rm -rf data/raw data/prepared zoo/*.pt artifacts local_outputs checkpoints mlflow.db mlruns
+	rm -rf data/raw data/prepared zoo/*.pt artifacts local_outputs checkpoints mlflow.db mlruns dvc_plots screenshots

@@ -33,7 +33,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from components.config import DataConfig  # noqa: E402
+from components.config import load_params, override  # noqa: E402
 from components.data import prepare  # noqa: E402
 
 
@@ -98,7 +98,9 @@ def main(argv=None) -> int:
         monitor = PeakRSS()
         monitor.start()
         start = time.perf_counter()
-        prepare(root, Path(tmp) / "dataset", DataConfig(source=str(root), workers=cores))
+        cfg = override(load_params(ROOT / "params.yaml").data, source=str(root), repo="", rev="", classes=[],
+                       workers=cores)
+        prepare(root, Path(tmp) / "dataset", cfg)
         step = len(paths) / (time.perf_counter() - start)
         monitor.running = False
         monitor.join()

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from components.atomic import write_json  # noqa: E402
 from components.augment import augment  # noqa: E402
-from components.config import PretrainedConfig, load_params  # noqa: E402
+from components.config import load_params, override  # noqa: E402
 from components.data import prepare  # noqa: E402
 from components.demo_zoo import export_digits, publish_source_model  # noqa: E402
 from components.fetch_pretrained import fetch  # noqa: E402
@@ -84,10 +84,10 @@ def main(argv=None) -> int:
         t = Path(tmp)
         export_digits(params.demo.source_classes, t / "source")
         export_digits(params.demo.target_classes, t / "target")
-        publish_source_model(t / "source", t / "zoo.pt", params.demo)
-        prepare(t / "target", t / "data", params.data.model_copy(update={"source": str(t / "target")}))
+        publish_source_model(t / "source", t / "zoo.pt", params)
+        prepare(t / "target", t / "data", override(params.data, source=str(t / "target")))
         augment(t / "data", t / "aug", params.augment)
-        fetch(PretrainedConfig(uri=str(t / "zoo.pt"), arch=params.demo.arch), t / "zoo")
+        fetch(override(params.pretrained, uri=str(t / "zoo.pt"), arch=params.demo.arch, sha256=""), t / "zoo")
         scratch_ckpt = t / "random.pt"
         import torch
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                     "class_names": [str(c) for c in params.demo.target_classes],
                     "state_dict": models.build(params.demo.arch, len(params.demo.target_classes)).state_dict()},
                    scratch_ckpt)
-        fetch(PretrainedConfig(uri=str(scratch_ckpt), arch=params.demo.arch), t / "random")
+        fetch(override(params.pretrained, uri=str(scratch_ckpt), arch=params.demo.arch, sha256=""), t / "random")
 
         for fraction in args.fractions:
             data = t / f"data-{fraction}"

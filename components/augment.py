@@ -1,6 +1,6 @@
 """augment: the training-time augmentation policy (torchvision transforms v2) and a preview of it.
 
-    python -m components.augment --params params.yaml --data data/prepared --out artifacts/augment
+    python -m components.augment --params params.yaml --dataset data/prepared --out artifacts/augment
 
 Writes policy.json (the policy, which finetune and validate turn back into transforms with
 `load_policy` + `train_transform`/`eval_transform`) and preview.png (originals vs augmented).
@@ -98,10 +98,10 @@ def augment(dataset_dir: str | Path, out: str | Path, policy: AugmentConfig) -> 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="parameters file (section: augment)")
-    parser.add_argument("--data", required=True, help="dataset artifact from components.data")
+    parser.add_argument("--dataset", required=True, help="dataset artifact from components.data")
     parser.add_argument("--out", required=True, help="folder for policy.json and preview.png")
     args = parser.parse_args(argv)
-    augment(args.data, args.out, load_params(args.params).augment)
+    augment(args.dataset, args.out, load_params(args.params).augment)
     print(f"augment: policy and preview written to {args.out}")
     return 0
 

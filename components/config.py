@@ -2,7 +2,9 @@
 
 `load_params()` is the only place params.yaml is read. Steps take their own section;
 Kubeflow components receive the same sections as dicts and validate them here too,
-so both runners reject the same bad value with the same message.
+so both runners reject the same bad value with the same message. The models hold no
+defaults: every value comes from params.yaml (or a section of it passed to Kubeflow), so
+there is one place to read what a run used. `override` derives a changed copy.
 """
 
 from __future__ import annotations
@@ -28,24 +30,24 @@ class Section(BaseModel):
 class DemoConfig(Section):
     source_classes: list[int] = Field(min_length=2)
     target_classes: list[int] = Field(min_length=2)
-    arch: str = "resnet18"
-    image_size: int = Field(default=32, ge=8)
-    epochs: int = Field(default=6, ge=1)
-    seed: int = 0
+    arch: str
+    image_size: int = Field(ge=8)
+    epochs: int = Field(ge=1)
+    seed: int
 
 
 class DataConfig(Section):
     source: str                     # a folder, s3://bucket/prefix, or a path inside `repo`
-    repo: str = ""                  # git repository (URL or path) whose DVC-tracked `source` to read
-    rev: str = ""                   # its revision: tag, branch or commit; empty: the default branch
-    classes: list[str] = []
-    val_fraction: float = Field(default=0.15, gt=0.0, lt=1.0)
-    test_fraction: float = Field(default=0.15, gt=0.0, lt=1.0)
-    seed: int = 0
-    extensions: list[str] = [".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
-    workers: int = Field(default=0, ge=0)
-    on_invalid: Literal["error", "skip"] = "error"
-    max_invalid_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
+    repo: str                       # git repository (URL or path) whose DVC-tracked `source` to read
+    rev: str                        # its revision: tag, branch or commit; empty: the default branch
+    classes: list[str]
+    val_fraction: float = Field(gt=0.0, lt=1.0)
+    test_fraction: float = Field(gt=0.0, lt=1.0)
+    seed: int
+    extensions: list[str]
+    workers: int = Field(ge=0)
+    on_invalid: Literal["error", "skip"]
+    max_invalid_fraction: float = Field(ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self):
@@ -55,18 +57,18 @@ class DataConfig(Section):
 
 
 class AugmentConfig(Section):
-    image_size: int = Field(default=224, ge=8)
-    resize_scale: tuple[float, float] = (0.08, 1.0)
-    resize_ratio: tuple[float, float] = (0.75, 1.3333)
-    hflip: float = Field(default=0.5, ge=0.0, le=1.0)
-    rotation: float = Field(default=0.0, ge=0.0, le=180.0)
-    brightness: float = Field(default=0.0, ge=0.0)
-    contrast: float = Field(default=0.0, ge=0.0)
-    saturation: float = Field(default=0.0, ge=0.0)
-    hue: float = Field(default=0.0, ge=0.0, le=0.5)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    preview_images: int = Field(default=8, ge=1, le=64)
+    image_size: int = Field(ge=8)
+    resize_scale: tuple[float, float]
+    resize_ratio: tuple[float, float]
+    hflip: float = Field(ge=0.0, le=1.0)
+    rotation: float = Field(ge=0.0, le=180.0)
+    brightness: float = Field(ge=0.0)
+    contrast: float = Field(ge=0.0)
+    saturation: float = Field(ge=0.0)
+    hue: float = Field(ge=0.0, le=0.5)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    preview_images: int = Field(ge=1, le=64)
 
     @model_validator(mode="after")
     def _ranges_are_ordered(self):
@@ -83,15 +85,15 @@ class AugmentConfig(Section):
 
 class PretrainedConfig(Section):
     uri: str = Field(min_length=1)
-    sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
-    arch: str = "resnet18"
-    max_size_mb: float = Field(default=2048, gt=0)
+    sha256: str = Field(pattern=r"^([0-9a-f]{64})?$")
+    arch: str
+    max_size_mb: float = Field(gt=0)
 
 
 class UnfreezeStep(Section):
     epoch: int = Field(ge=2)        # unfrozen at the start of this epoch (1-based)
     modules: list[str] = Field(min_length=1)
-    lr: float | None = Field(default=None, gt=0.0)  # their learning rate; default finetune.lr
+    lr: float | None = Field(default=None, gt=0.0)  # their learning rate; None: finetune.lr
 
 
 class LrGroup(Section):
@@ -100,26 +102,26 @@ class LrGroup(Section):
 
 
 class FinetuneConfig(Section):
-    freeze: list[str] = []
-    freeze_until: str = ""          # freeze everything before this module (e.g. layer3, features.7)
-    reinit: list[str] = []          # modules to re-initialise before training (too source-specific to keep)
-    unfreeze: list[UnfreezeStep] = []
-    lr_groups: list[LrGroup] = []   # discriminative learning rates by module
-    schedule: Literal["constant", "cosine", "step"] = "constant"
-    warmup_epochs: int = Field(default=0, ge=0)
-    step_size: int = Field(default=5, ge=1)
-    gamma: float = Field(default=0.1, gt=0.0, le=1.0)
-    checkpoint_dir: str = ""        # checkpoint every epoch here and resume from it; empty: off
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(default=0.01, gt=0.0)
-    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(default=1e-4, ge=0.0)
-    batch_size: int = Field(default=32, ge=1)
-    max_epochs: int = Field(default=10, ge=1)
-    patience: int = Field(default=3, ge=1)
-    min_delta: float = Field(default=0.0, ge=0.0)
-    seed: int = 0
-    num_workers: int = Field(default=0, ge=0)
+    freeze: list[str]
+    freeze_until: str               # freeze everything before this module (e.g. layer3, features.7)
+    reinit: list[str]               # modules to re-initialise before training (too source-specific to keep)
+    unfreeze: list[UnfreezeStep]
+    lr_groups: list[LrGroup]        # discriminative learning rates by module
+    schedule: Literal["constant", "cosine", "step"]
+    warmup_epochs: int = Field(ge=0)
+    step_size: int = Field(ge=1)
+    gamma: float = Field(gt=0.0, le=1.0)
+    checkpoint_dir: str             # checkpoint every epoch here and resume from it; empty: off
+    optimizer: Literal["sgd", "adamw"]
+    lr: float = Field(gt=0.0)
+    momentum: float = Field(ge=0.0, lt=1.0)
+    weight_decay: float = Field(ge=0.0)
+    batch_size: int = Field(ge=1)
+    max_epochs: int = Field(ge=1)
+    patience: int = Field(ge=1)
+    min_delta: float = Field(ge=0.0)
+    seed: int
+    num_workers: int = Field(ge=0)
 
     @model_validator(mode="after")
     def _warmup_fits(self):
@@ -129,21 +131,21 @@ class FinetuneConfig(Section):
 
 
 class ValidateConfig(Section):
-    min_accuracy: float = Field(default=0.0, ge=0.0, le=1.0)
-    min_macro_f1: float = Field(default=0.0, ge=0.0, le=1.0)
-    min_class_recall: float = Field(default=0.0, ge=0.0, le=1.0)
-    compare_with_champion: bool = True
-    champion_margin: float = Field(default=0.01, ge=0.0, le=1.0)
-    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
-    bootstrap_samples: int = Field(default=2000, ge=100)
-    seed: int = 0
+    min_accuracy: float = Field(ge=0.0, le=1.0)
+    min_macro_f1: float = Field(ge=0.0, le=1.0)
+    min_class_recall: float = Field(ge=0.0, le=1.0)
+    compare_with_champion: bool
+    champion_margin: float = Field(ge=0.0, le=1.0)
+    confidence: float = Field(gt=0.5, lt=1.0)
+    bootstrap_samples: int = Field(ge=100)
+    seed: int
 
 
 class RegisterConfig(Section):
     model_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    alias: str = Field(default="champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
-    challenger_alias: str = Field(default="challenger", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
-    promotion: Literal["auto", "manual"] = "auto"
+    alias: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    challenger_alias: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    promotion: Literal["auto", "manual"]
 
     @model_validator(mode="after")
     def _aliases_differ(self):
@@ -154,25 +156,26 @@ class RegisterConfig(Section):
 
 class TrackingConfig(Section):
     experiment: str = Field(min_length=1)
+    system_metrics: bool                # CPU, memory, disk, network (and GPU) of the training run
 
 
 class PipelineConfig(Section):
     image: str = Field(min_length=1)
-    finetune_cpu: str = Field(default="2", pattern=r"^[0-9]+(\.[0-9]+)?m?$")
-    finetune_memory: str = Field(default="8Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
-    finetune_gpus: int = Field(default=0, ge=0)
-    mlflow_config_map: str = "mlflow"
-    mlflow_secret: str = "mlflow-credentials"
+    finetune_cpu: str = Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    finetune_memory: str = Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    finetune_gpus: int = Field(ge=0)
+    mlflow_config_map: str
+    mlflow_secret: str
 
 
 class Params(Section):
-    demo: DemoConfig
+    demo: DemoConfig | None = None      # only the embedded demo has this section
     data: DataConfig
     augment: AugmentConfig
     pretrained: PretrainedConfig
     finetune: FinetuneConfig
     # `validate` and `register` are BaseModel method names, so these two take aliases.
-    gate: ValidateConfig = Field(alias="validate")
+    validation: ValidateConfig = Field(alias="validate")
     registry: RegisterConfig = Field(alias="register")
     tracking: TrackingConfig
     pipeline: PipelineConfig
@@ -192,6 +195,14 @@ def parse_section(model: type[Section], values: dict, name: str, where: str = PA
         return model.model_validate(values)
     except ValidationError as err:
         raise ConfigError(_describe(err, where, name)) from None
+
+
+def override(section: Section, **changes) -> Section:
+    """A validated copy of `section` with `changes` (model_copy would not validate them)."""
+    try:
+        return type(section).model_validate({**section.model_dump(), **changes})
+    except ValidationError as err:
+        raise ConfigError(_describe(err, "override")) from None
 
 
 def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:

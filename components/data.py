@@ -30,6 +30,7 @@ from components.images import check
 
 SPLITS = ("train", "val", "test")
 PARALLEL_FROM = 256  # files; below this a process pool costs more than it saves
+MIN_TEST_PER_CLASS, MIN_VAL_PER_CLASS, MIN_TEST_IMAGES = 10, 5, 50  # below these the report warns
 
 
 class DataError(ValueError):
@@ -95,16 +96,63 @@ def list_images(source: Path, cfg: DataConfig) -> tuple[dict[str, list[Path]], l
     return files, ignored
 
 
-def assign_split(sha256: str, cfg: DataConfig) -> str:
-    """Split from the content hash alone: adding images never moves an existing one, and
-    identical images always land together (no train/test leakage through duplicates)."""
-    digest = hashlib.sha256(f"{cfg.seed}:{sha256}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    if u < cfg.test_fraction:
-        return "test"
-    if u < cfg.test_fraction + cfg.val_fraction:
-        return "val"
-    return "train"
+def _rank(sha256: str, seed: int) -> bytes:
+    return hashlib.sha256(f"{seed}:{sha256}".encode()).digest()
+
+
+def split_sizes(n: int, cfg: DataConfig) -> tuple[int, int]:
+    """(test, val) counts for a class of `n` distinct images: the configured shares, rounded half
+    up, at least one each where the class has three or more, and at least one left to train on."""
+    n_test, n_val = int(n * cfg.test_fraction + 0.5), int(n * cfg.val_fraction + 0.5)
+    if n >= 3:
+        n_test, n_val = max(1, n_test), max(1, n_val)
+    while n_test + n_val >= n and n_test + n_val > 0:  # tiny classes: give training the last one
+        if n_val >= n_test and n_val > 0:
+            n_val -= 1
+        else:
+            n_test -= 1
+    return n_test, n_val
+
+
+def assign_splits(records: list[ImageRecord], cfg: DataConfig) -> dict[str, str]:
+    """Split of every image, stratified by class and decided by content alone.
+
+    Within a class, distinct contents are ordered by a hash of (data.seed, sha256); the first
+    `split_sizes` of them go to test, the next to val, the rest to train. Identical files are one
+    entry, so duplicates always share a split (no leakage through copies). Exact proportions cost
+    a little stability: each image added to a class can push at most one existing image across each
+    of its two boundaries; other classes do not move.
+    """
+    label_of: dict[str, str] = {}
+    for r in records:  # a file copied into two classes counts for the first
+        label_of.setdefault(r.sha256, r.label)
+    by_class: dict[str, list[str]] = {}
+    for sha, label in label_of.items():
+        by_class.setdefault(label, []).append(sha)
+    split_of = {}
+    for shas in by_class.values():
+        shas.sort(key=lambda h: _rank(h, cfg.seed))
+        n_test, n_val = split_sizes(len(shas), cfg)
+        for i, sha in enumerate(shas):
+            split_of[sha] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return {r.relpath: split_of[r.sha256] for r in records}
+
+
+def small_split_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
+    """Where the validation or test split is too small for the gate's numbers to mean much."""
+    warnings = []
+    for split, least in (("test", MIN_TEST_PER_CLASS), ("val", MIN_VAL_PER_CLASS)):
+        small = {label: n for label, n in counts[split].items() if n < least}
+        if small:
+            listed = ", ".join(f"{label} {n}" for label, n in small.items())
+            warnings.append(f"{split} split: fewer than {least} images for class(es) {listed}: "
+                            + ("per-class recall moves in steps of 1/n and the gate's checks are coarse"
+                               if split == "test" else "early stopping follows a noisy validation loss"))
+    total = sum(counts["test"].values())
+    if total < MIN_TEST_IMAGES:
+        warnings.append(f"test split: {total} images: one image is {1 / max(total, 1):.1%} of accuracy, "
+                        f"too coarse to compare with a champion (at least {MIN_TEST_IMAGES} advised)")
+    return warnings
 
 
 def fingerprint(records: list[ImageRecord]) -> str:
@@ -168,7 +216,7 @@ def _validate_and_write(source, paths, files, ignored, tmp: Path, cfg: DataConfi
         raise DataError(f"class folder(s) with no readable image left: {', '.join(emptied)}")
 
     labels = list(files)
-    splits = {r.relpath: assign_split(r.sha256, cfg) for r in records}
+    splits = assign_splits(records, cfg)
     counts = {s: {label: 0 for label in labels} for s in SPLITS}
     for r in records:
         counts[splits[r.relpath]][r.label] += 1
@@ -191,6 +239,7 @@ def _validate_and_write(source, paths, files, ignored, tmp: Path, cfg: DataConfi
         "num_images": len(records),
         "counts": counts,
         "duplicates": [group for group in by_hash.values() if len(group) > 1],
+        "warnings": small_split_warnings(counts),
         "ignored_files": ignored,
         "excluded": [{"path": p.relative_to(source).as_posix(), "reason": r} for p, r in invalid],
         "config": {**cfg.model_dump(mode="json"), "repo": redact(cfg.repo)},
@@ -213,6 +262,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = load_params(args.params).data
     report = prepare(args.source or cfg.source, args.out, cfg)
+    for warning in report["warnings"]:
+        print(f"data: warning: {warning}", file=sys.stderr)
     print(f"data: {report['num_images']} images, {len(report['classes'])} classes, "
           f"fingerprint {report['fingerprint'][:12]}")
     return 0

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from components.atomic import atomic_dir, atomic_file
-from components.config import AugmentConfig, DataConfig, DemoConfig, FinetuneConfig, load_params
+from components.config import ConfigError, Params, load_params, override
 
 
 def export_digits(classes: list[int], out: str | Path) -> int:
@@ -44,20 +44,26 @@ def export_digits(classes: list[int], out: str | Path) -> int:
     return count
 
 
-def publish_source_model(source: str | Path, out: str | Path, cfg: DemoConfig) -> dict:
-    """Train cfg.arch from scratch on the source digits and save it as a zoo checkpoint."""
+def publish_source_model(source: str | Path, out: str | Path, params: Params) -> dict:
+    """Train demo.arch from scratch on the source digits and save it as a zoo checkpoint.
+
+    The recipe is params.yaml's, changed only where training from scratch differs: nothing frozen
+    or re-initialised, a higher learning rate, no early stop, demo.epochs and demo.image_size.
+    """
     import torch
 
     from components import models
     from components.data import prepare
     from components.finetune import fit, make_loaders
 
-    policy = AugmentConfig(image_size=cfg.image_size, resize_scale=(0.8, 1.0), resize_ratio=(0.9, 1.1),
-                           hflip=0.0, rotation=10.0)
-    train_cfg = FinetuneConfig(freeze=[], optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4,
-                               batch_size=64, max_epochs=cfg.epochs, patience=cfg.epochs, seed=cfg.seed)
+    cfg = params.demo
+    policy = override(params.augment, image_size=cfg.image_size)
+    train_cfg = override(params.finetune, freeze=[], freeze_until="", reinit=[], unfreeze=[], lr_groups=[],
+                         schedule="constant", warmup_epochs=0, lr=0.05, max_epochs=cfg.epochs,
+                         patience=cfg.epochs, seed=cfg.seed, checkpoint_dir="")
     with tempfile.TemporaryDirectory() as tmp:
-        report = prepare(source, Path(tmp) / "dataset", DataConfig(source=str(source), seed=cfg.seed))
+        data_cfg = override(params.data, source=str(source), repo="", rev="", classes=[], seed=cfg.seed)
+        report = prepare(source, Path(tmp) / "dataset", data_cfg)
         class_names = report["classes"]
         torch.manual_seed(cfg.seed)
         model = models.build(cfg.arch, len(class_names))
@@ -80,13 +86,16 @@ def main(argv=None) -> int:
     publish.add_argument("--source", required=True, help="ImageFolder of the source task")
     publish.add_argument("--out", required=True, help="checkpoint file to write")
     args = parser.parse_args(argv)
-    cfg = load_params(args.params).demo
+    params = load_params(args.params)
+    if params.demo is None:
+        raise ConfigError(f"{args.params}: no `demo` section: the demo stages need it")
+    cfg = params.demo
     if args.command == "export":
         n_source = export_digits(cfg.source_classes, args.source_out)
         n_target = export_digits(cfg.target_classes, args.target_out)
         print(f"demo_zoo: exported {n_source} source and {n_target} target digit images")
     else:
-        best = publish_source_model(args.source, args.out, cfg)
+        best = publish_source_model(args.source, args.out, params)
         print(f"demo_zoo: published {args.out} (best epoch {best['epoch']}, "
               f"val accuracy {best['val_accuracy']:.3f} on the source task)")
     return 0

@@ -1,14 +1,15 @@
 """finetune: pretrained backbone, new output layer, frozen layers, early stopping on validation loss.
 
-    python -m components.finetune --params params.yaml --data data/prepared \
-        --augment artifacts/augment --pretrained artifacts/pretrained --out artifacts/model
+    python -m components.finetune --params params.yaml --dataset data/prepared \
+        --policy artifacts/augment --weights artifacts/pretrained --out artifacts/model
 
 Freezing by name patterns and by depth, gradual unfreezing with its own learning rates,
 discriminative learning rates, warm-up then a cosine or step schedule, and a checkpoint every
 epoch: a run killed mid-epoch resumes from the last finished epoch and ends with the same weights.
 Writes model.pt (checkpoint-v1 with the best epoch's weights, the class names, the preprocessing
 and the configuration that produced it), history.json (one row per epoch), summary.json and
-training_curves.png.
+training_curves.png. Run as the pipeline runs it (`run`), the fine-tune is a live MLflow run
+(components.tracking): parameters when it starts, each epoch's metrics when it ends.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import math
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +29,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from components import models
+from components import models, tracking
 from components.atomic import atomic_dir, atomic_file, read_json, write_json
 from components.augment import eval_transform, load_policy, train_transform
-from components.config import AugmentConfig, FinetuneConfig, load_params
+from components.config import AugmentConfig, FinetuneConfig, TrackingConfig, load_params
 from components.dataset import ImageSplit, read_report
+
+RUN_MARKER = "mlflow_run.json"  # in checkpoint_dir: the MLflow run an interrupted fine-tune continues
 
 
 def make_loaders(dataset_dir, policy: AugmentConfig, cfg: FinetuneConfig, class_names: list[str]):
@@ -115,12 +119,14 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
     random.setstate(state["python"])
 
 
-def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key: str = "") -> tuple[dict, list]:
+def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key: str = "",
+        on_epoch=None) -> tuple[dict, list]:
     """Train until max_epochs or until val loss stops improving by min_delta for `patience` epochs.
 
     With cfg.checkpoint_dir, every finished epoch is saved there and a checkpoint with the same
-    `run_key` (inputs and configuration) is resumed. Returns the best epoch's state dict (not the
-    last one's) and the per-epoch history.
+    `run_key` (inputs and configuration) is resumed. `on_epoch(row)` sees each history row as its
+    epoch ends (live tracking). Returns the best epoch's state dict (not the last one's) and the
+    per-epoch history.
     """
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -172,8 +178,11 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key
             "val_accuracy": (val_logits.argmax(1) == val_y).float().mean().item(),
             "lr": trainer.optimizer.param_groups[0]["lr"],
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "time": time.time(),  # when the epoch ended: its metrics' timestamp in MLflow
         }
         history.append(row)
+        if on_epoch:
+            on_epoch(row)
         epochs.set_postfix(val_loss=f"{row['val_loss']:.4f}", val_acc=f"{row['val_accuracy']:.3f}")
         if row["val_loss"] < best_loss - cfg.min_delta:
             best_loss, best_state, stale = row["val_loss"], copy.deepcopy(model.state_dict()), 0
@@ -221,8 +230,14 @@ def run_key(dataset_dir, augment_dir, pretrained_dir, cfg: FinetuneConfig) -> st
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig) -> dict:
-    """Fine-tune the fetched weights on the dataset artifact; write the best model to `out`."""
+def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig, on_epoch=None,
+             run_record: dict | None = None) -> dict:
+    """Fine-tune the fetched weights on the dataset artifact; write the best model to `out`.
+
+    `on_epoch` is fit's per-epoch callback; `run_record` (which MLflow run trained it) is written
+    into `out` as run.json.
+    """
+    started = time.time()
     class_names = read_report(dataset_dir)["classes"]
     policy = load_policy(augment_dir)
     pretrained = read_json(Path(pretrained_dir) / "pretrained.json")
@@ -244,7 +259,7 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig)
 
     train_loader, val_loader = make_loaders(dataset_dir, policy, cfg, class_names)
     best_state, history = fit(model, train_loader, val_loader, cfg,
-                              run_key(dataset_dir, augment_dir, pretrained_dir, cfg))
+                              run_key(dataset_dir, augment_dir, pretrained_dir, cfg), on_epoch)
     counts = models.parameter_counts(model)
     best = min(history, key=lambda r: r["val_loss"])
     summary = {
@@ -256,6 +271,8 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig)
         "stopped_early": len(history) < cfg.max_epochs,
         "head_replaced": head,
         "parameters": {"trainable_at_start": history[0]["trainable_parameters"], **counts},
+        "training_seconds": round(time.time() - started, 3),  # this process; a resumed run counts its part
+        "config": cfg.model_dump(mode="json"),
     }
     print(f"finetune: {arch}, {len(class_names)} classes, output layer "
           f"{'replaced: ' + head if head else 'kept'}; trainable parameters {history[0]['trainable_parameters']:,} "
@@ -273,23 +290,54 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig)
         write_json(tmp / "history.json", history)
         write_json(tmp / "summary.json", summary)
         save_curves(history, best["epoch"], tmp / "training_curves.png")
+        if run_record:
+            write_json(tmp / tracking.RUN_RECORD, run_record)
     if cfg.checkpoint_dir:  # finished: a later run with the same inputs starts from scratch
-        for leftover in ("last.pt", "last.json"):
+        for leftover in ("last.pt", "last.json", RUN_MARKER):
             (Path(cfg.checkpoint_dir) / leftover).unlink(missing_ok=True)
     return summary
 
 
+def _interrupted_run(cfg: FinetuneConfig, key: str) -> str | None:
+    """The MLflow run of an interrupted fine-tune with the same inputs, to continue it."""
+    if not cfg.checkpoint_dir:
+        return None
+    marker, last = Path(cfg.checkpoint_dir) / RUN_MARKER, Path(cfg.checkpoint_dir) / "last.pt"
+    if marker.exists() and last.exists() and read_json(marker).get("run_key") == key:
+        return read_json(marker)["run_id"]
+    return None
+
+
+def run(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig, tracking_cfg: TrackingConfig,
+        runner: str, pipeline_run_id: str, changes: list[str] = ()) -> dict:
+    """The step as DVC, Kubeflow and the tests run it: `finetune` inside a live MLflow run.
+    `changes` (parameters changed from the committed params.yaml) lead the run's name."""
+    key = run_key(dataset_dir, augment_dir, pretrained_dir, cfg)
+    with tracking.training_run(dataset_dir, augment_dir, pretrained_dir, cfg.model_dump(mode="json"),
+                               tracking_cfg, runner, pipeline_run_id, changes,
+                               resume_run_id=_interrupted_run(cfg, key)) as live:
+        if cfg.checkpoint_dir:
+            write_json(Path(cfg.checkpoint_dir) / RUN_MARKER, {"run_key": key, "run_id": live.run_id})
+        summary = finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg, on_epoch=live.log_epoch,
+                           run_record=tracking.run_record(live))
+        tracking.finish_training(out)
+    return {**summary, "run_id": live.run_id}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="parameters file (section: finetune)")
-    parser.add_argument("--data", required=True, help="dataset artifact from components.data")
-    parser.add_argument("--augment", required=True, help="policy folder from components.augment")
-    parser.add_argument("--pretrained", required=True, help="weights folder from components.fetch_pretrained")
+    parser.add_argument("--params", default="params.yaml", help="parameters file (sections: finetune, tracking)")
+    parser.add_argument("--dataset", required=True, help="dataset artifact from components.data")
+    parser.add_argument("--policy", required=True, help="policy folder from components.augment")
+    parser.add_argument("--weights", required=True, help="weights folder from components.fetch_pretrained")
     parser.add_argument("--out", required=True, help="folder for model.pt, history.json, training_curves.png")
     args = parser.parse_args(argv)
-    summary = finetune(args.data, args.augment, args.pretrained, args.out, load_params(args.params).finetune)
+    params = load_params(args.params)
+    summary = run(args.dataset, args.policy, args.weights, args.out, params.finetune, params.tracking,
+                  *tracking.runner_identity(), changes=tracking.changed_params(args.params))
     print(f"finetune: best epoch {summary['best_epoch']} of {summary['epochs_run']}, "
-          f"val loss {summary['best_val_loss']:.4f}, val accuracy {summary['best_val_accuracy']:.3f}")
+          f"val loss {summary['best_val_loss']:.4f}, val accuracy {summary['best_val_accuracy']:.3f}; "
+          f"MLflow run {summary['run_id']}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """register: put a model that passed validation into the MLflow model registry and move the aliases.
 
-    python -m components.register --params params.yaml --validation artifacts/validate \
+    python -m components.register --params params.yaml --reports artifacts/validate \
         --out artifacts/registration.json
 
 Nothing is registered when the gate failed; the run and registration.json say why. A passing
@@ -17,8 +17,8 @@ import sys
 
 from components.atomic import read_json, write_json
 from components.config import RegisterConfig, load_params
+from components import tracking
 from components.registry import current_version, promotion_lock
-from components.tracking import tracking_uri
 
 # Run tags copied onto the model version, so the registry alone says where a model came from.
 LINEAGE_TAGS = ("git_commit", "data_fingerprint", "data_source", "pretrained_uri", "pretrained_sha256",
@@ -37,8 +37,7 @@ def register(validation_dir, out, cfg: RegisterConfig) -> dict:
 
     gate = read_json(f"{validation_dir}/gate.json")
     run = read_json(f"{validation_dir}/run.json")
-    mlflow.set_tracking_uri(tracking_uri())
-    client = mlflow.MlflowClient()
+    client = tracking.client()
 
     if not gate["passed"]:
         reason = "validation gate failed: " + "; ".join(gate["reasons"])
@@ -82,10 +81,10 @@ def register(validation_dir, out, cfg: RegisterConfig) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="parameters file (section: register)")
-    parser.add_argument("--validation", required=True, help="folder from components.validate (gate.json, run.json)")
+    parser.add_argument("--reports", required=True, help="folder from components.validate (gate.json, run.json)")
     parser.add_argument("--out", required=True, help="registration.json to write")
     args = parser.parse_args(argv)
-    result = register(args.validation, args.out, load_params(args.params).registry)
+    result = register(args.reports, args.out, load_params(args.params).registry)
     if result["registered"]:
         print(f"register: {result['name']} version {result['version']} ({result['promotion']})")
     else:

@@ -1,13 +1,13 @@
 """validate: test-split metrics, the gate (thresholds and the current champion), and the MLflow run.
 
-    python -m components.validate --params params.yaml --data data/prepared --augment artifacts/augment \
-        --pretrained artifacts/pretrained --model artifacts/model --out artifacts/validate
+    python -m components.validate --params params.yaml --dataset data/prepared --policy artifacts/augment \
+        --weights artifacts/pretrained --model artifacts/model --out artifacts/validate
 
 The model is evaluated as it will be served (components.serving: uint8 images in, its own
 preprocessing inside), and so is the champion, on the same images. Writes metrics.json,
 gate.json (the decision and every check behind it), per_class.csv, predictions.csv,
 calibration.csv, confusion_matrix.png, reliability.png, misclassified.png, and run.json
-(the MLflow run that register promotes from).
+(the MLflow run that register promotes from: the fine-tune's run, completed, see components.tracking).
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
 from sklearn import metrics as skm
 from tqdm import tqdm
 
+from components import tracking
 from components.atomic import atomic_dir, write_json
 from components.compare import paired_comparison
-from components.config import RegisterConfig, ValidateConfig, load_params
+from components.config import RegisterConfig, TrackingConfig, ValidateConfig, load_params
 from components.dataset import read_split
 from components.images import load_rgb
 from components.serving import ImageClassifier
@@ -90,10 +90,8 @@ def find_champion(registry: RegisterConfig) -> dict | None:
     import mlflow
 
     from components.registry import current_version
-    from components.tracking import tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri())
-    client = mlflow.MlflowClient()
+    client = tracking.client()
     version = current_version(client, registry.model_name, registry.alias)
     if version is None:
         return None
@@ -231,26 +229,32 @@ def save_misclassified(items: list[tuple], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    from components import tracking
+def run(dataset_dir, policy_dir, weights_dir, model_dir, out, cfg: ValidateConfig, registry: RegisterConfig,
+        tracking_cfg: TrackingConfig, runner: str, pipeline_run_id: str) -> tuple[dict, dict]:
+    """The step as DVC, Kubeflow and the tests run it: find the champion, validate, record the run.
+    Returns the gate decision and the run record (run.json)."""
+    champion = find_champion(registry) if cfg.compare_with_champion else None
+    gate = validate(dataset_dir, model_dir, out, cfg, champion)
+    record = tracking.record_validation(dataset_dir, policy_dir, weights_dir, model_dir, out, tracking_cfg,
+                                        runner, pipeline_run_id)
+    return gate, record
 
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml",
                         help="parameters file (sections: validate, register for the champion, tracking)")
-    parser.add_argument("--data", required=True, help="dataset artifact from components.data")
-    parser.add_argument("--augment", required=True, help="policy folder from components.augment")
-    parser.add_argument("--pretrained", required=True, help="weights folder from components.fetch_pretrained")
+    parser.add_argument("--dataset", required=True, help="dataset artifact from components.data")
+    parser.add_argument("--policy", required=True, help="policy folder from components.augment")
+    parser.add_argument("--weights", required=True, help="weights folder from components.fetch_pretrained")
     parser.add_argument("--model", required=True, help="model folder from components.finetune")
     parser.add_argument("--out", required=True, help="folder for metrics, gate decision and run.json")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    champion = find_champion(params.registry) if params.gate.compare_with_champion else None
-    gate = validate(args.data, args.model, args.out, params.gate, champion)
-    run = tracking.log_pipeline_run(args.data, args.augment, args.pretrained, args.model, args.out,
-                                    params.tracking.experiment, runner="dvc",
-                                    pipeline_run_id=f"dvc-{uuid.uuid4().hex[:12]}")
+    gate, record = run(args.dataset, args.policy, args.weights, args.model, args.out, params.validation,
+                       params.registry, params.tracking, *tracking.runner_identity())
     print(f"validate: {'PASSED' if gate['passed'] else 'FAILED: ' + '; '.join(gate['reasons'])}; "
-          f"MLflow run {run['run_id']}")
+          f"MLflow run {record['run_id']} ({record['run_name']})")
     return 0
 
 

@@ -6,7 +6,8 @@
 Keys come from `.env` (git-ignored); `up` writes random ones there the first time, and never
 prints them. Both servers run in their own process sessions; their pids, logs and data live in
 `.stack/`. `up` also points a git-ignored DVC remote (`.dvc/config.local`) at the S3 server.
-The tests start SeaweedFS through `start_seaweedfs` too, on ports of their own.
+The MLflow server keeps its runs in SQLite under `.stack/` and their artifacts in the bucket
+`mlflow`. The tests start both servers through these functions too, on ports of their own.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ SEAWEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.
                  "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "webdav.port",
                  "debug.port", "s3.debug.port", "s3.port.iceberg", "s3.port.lance")
 BUCKETS = ("data", "zoo", "mlflow")
+ARTIFACTS = "s3://mlflow/artifacts"  # where the stack's MLflow server keeps run artifacts
 
 
 def read_env(path: Path) -> dict[str, str]:
@@ -79,13 +81,19 @@ def start_seaweedfs(home: Path, ports: dict[str, int], keys: dict[str, str], buc
             time.sleep(0.5)
 
 
-def start_mlflow(home: Path, port: int) -> subprocess.Popen:
-    """`mlflow server` with a SQLite store in `home`; returns once /health answers (up to ~30 s here)."""
+def start_mlflow(home: Path, port: int, artifacts: str = "", env: dict[str, str] | None = None,
+                 backend_store: str = "") -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:`port`; returns once /health answers (up to ~30 s here).
+
+    The store is a SQLite database in `home` unless `backend_store` names one; artifacts go to
+    `artifacts` (a folder or s3://bucket/prefix, through the server), else `home`/mlflow-artifacts.
+    """
     log = open(home / "mlflow.log", "a")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination",
-         str(home / "mlflow-artifacts")], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
+         "--backend-store-uri", backend_store or f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination",
+         artifacts or str(home / "mlflow-artifacts")], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=home, env={**os.environ, **(env or {})})
     deadline = time.time() + 90
     while True:
         try:
@@ -134,14 +142,17 @@ def up(base_port: int) -> None:
     mlflow_port = base_port + len(SEAWEED_PORTS)
     weed = start_seaweedfs(STACK / "seaweedfs", ports, keys)
     (STACK / "seaweedfs.pid").write_text(str(weed.pid))
-    mlflow = start_mlflow(STACK, mlflow_port)
-    (STACK / "mlflow.pid").write_text(str(mlflow.pid))
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    # The server stores run artifacts (models, pictures) in the bucket and serves them to clients,
+    # which need neither S3 keys nor the endpoint to log or read them.
+    mlflow = start_mlflow(STACK, mlflow_port, artifacts=ARTIFACTS,
+                          env={**keys, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
+    (STACK / "mlflow.pid").write_text(str(mlflow.pid))
     dvc = [str(BIN / "dvc"), "remote"]
     subprocess.run([*dvc, "add", "--local", "--force", "-d", "stack", "s3://data/dvcstore"], cwd=ROOT, check=True)
     subprocess.run([*dvc, "modify", "--local", "stack", "endpointurl", endpoint], cwd=ROOT, check=True)
     print(f"stack up: S3 {endpoint} (buckets {', '.join(BUCKETS)}; keys in .env), "
-          f"MLflow http://127.0.0.1:{mlflow_port}, DVC remote 'stack'. To use them:\n"
+          f"MLflow http://127.0.0.1:{mlflow_port} (artifacts in {ARTIFACTS}), DVC remote 'stack'. To use them:\n"
           f"  set -a; . ./.env; set +a\n"
           f"  export AWS_ENDPOINT_URL={endpoint} MLFLOW_TRACKING_URI=http://127.0.0.1:{mlflow_port}")
 

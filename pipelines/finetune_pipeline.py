@@ -1,22 +1,28 @@
-"""The Kubeflow DAG: the six steps of components/, as lightweight components on the project's image.
+"""The Kubeflow DAG: the steps of pipelines/dag.py, as lightweight components on the project's image.
 
-    python -m pipelines compile      # writes pipelines/finetune_pipeline.yaml
+    python -m pipelines generate     # writes dvc.yaml and pipelines/finetune_pipeline.yaml
     python -m pipelines run-local    # runs this DAG on this machine through kfp.local
 
-Each component body only unpacks Kubeflow's inputs, calls the step's function from components/
-and describes the result for the Kubeflow UI. The defaults of every pipeline parameter are the
-sections of params.yaml, baked in at compile time, so DVC and Kubeflow start from the same values.
+Each component body only unpacks Kubeflow's inputs, calls the step's `run` (or core function) from
+components/ and describes the result for the Kubeflow UI. The DAG is not written here: `_build`
+walks pipelines/dag.py and wires each `<step>_op` by its argument names (an artifact from the step
+that writes it, a pipeline parameter of the same name, or the run id). The pipeline's parameters
+are the params.yaml sections the components take, with their values as defaults, baked in at
+compile time, so DVC and Kubeflow start from the same values.
 (No `from __future__ import annotations` here: the KFP SDK reads the real type annotations.)
 """
 
+import inspect
 from pathlib import Path
 
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components.config import load_params
+from pipelines.dag import ARTIFACTS, Step, producers, steps_for
 
-PARAMS = load_params(Path(__file__).resolve().parent.parent / "params.yaml")
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = load_params(ROOT / "params.yaml")
 IMAGE = PARAMS.pipeline.image
 PIPELINE_NAME = "finetune-image-classifier"
 
@@ -25,10 +31,11 @@ def _defaults(section) -> dict:
     return section.model_dump(mode="json", by_alias=True)
 
 
-# ---- components ---------------------------------------------------------------------------
+# ---- components: each argument is an artifact of dag.ARTIFACTS, a params.yaml section, or a run id
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def data_op(source: str, repo: str, rev: str, params: dict, dataset: Output[Dataset], report: Output[Markdown]):
+def data_op(data_source: str, data_repo: str, data_rev: str, data: dict, dataset: Output[Dataset],
+            report: Output[Markdown]):
     """Fetch (a folder, s3://, or a DVC-tracked path of `repo` at `rev`), validate and split the dataset."""
     from pathlib import Path
 
@@ -36,50 +43,53 @@ def data_op(source: str, repo: str, rev: str, params: dict, dataset: Output[Data
     from components.data import prepare
     from pipelines.views import data_report_markdown
 
-    cfg = parse_section(DataConfig, {**params, "source": source, "repo": repo, "rev": rev}, "data")
-    result = prepare(source, dataset.path, cfg)
+    values = {**data, "source": data_source, "repo": data_repo, "rev": data_rev}
+    result = prepare(data_source, dataset.path, parse_section(DataConfig, values, "data"))
     dataset.metadata.update({"fingerprint": result["fingerprint"], "num_images": result["num_images"],
                              "classes": result["classes"], "source": result["source"]})
     Path(report.path).write_text(data_report_markdown(result))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def augment_op(dataset: Input[Dataset], params: dict, policy: Output[Artifact], preview: Output[HTML]):
+def augment_op(dataset: Input[Dataset], augment: dict, policy: Output[Artifact], preview: Output[HTML]):
     """Build the augmentation policy and its preview grid."""
     from pathlib import Path
 
-    from components.augment import augment
+    from components.augment import augment as build_policy
     from components.config import AugmentConfig, parse_section
     from pipelines.views import png_html
 
-    augment(dataset.path, policy.path, parse_section(AugmentConfig, params, "augment"))
+    build_policy(dataset.path, policy.path, parse_section(AugmentConfig, augment, "augment"))
     Path(preview.path).write_text(png_html("Augmentation: originals and draws of the policy",
                                            Path(policy.path) / "preview.png"))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def fetch_pretrained_op(params: dict, weights: Output[Model]):
+def fetch_pretrained_op(pretrained: dict, weights: Output[Model]):
     """Fetch, checksum and safely load the pretrained weights."""
     from components.config import PretrainedConfig, parse_section
     from components.fetch_pretrained import fetch
 
-    info = fetch(parse_section(PretrainedConfig, params, "pretrained"), weights.path)
+    info = fetch(parse_section(PretrainedConfig, pretrained, "pretrained"), weights.path)
     weights.metadata.update({k: info[k] for k in ("uri", "sha256", "arch", "num_classes")})
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def finetune_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input[Model], params: dict,
-                model: Output[Model], metrics: Output[Metrics], curves: Output[HTML]):
-    """Fine-tune with frozen layers and early stopping on validation loss."""
+def finetune_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input[Model], finetune: dict,
+                tracking: dict, pipeline_run_id: str, model: Output[Model], metrics: Output[Metrics],
+                curves: Output[HTML]):
+    """Fine-tune with frozen layers and early stopping on validation loss, as a live MLflow run."""
     from pathlib import Path
 
-    from components.config import FinetuneConfig, parse_section
-    from components.finetune import finetune
+    from components import finetune as step
+    from components.config import FinetuneConfig, TrackingConfig, parse_section
     from pipelines.views import png_html
 
-    summary = finetune(dataset.path, policy.path, weights.path, model.path,
-                       parse_section(FinetuneConfig, params, "finetune"))
-    model.metadata.update({"arch": summary["arch"], "best_epoch": summary["best_epoch"]})
+    summary = step.run(dataset.path, policy.path, weights.path, model.path,
+                       parse_section(FinetuneConfig, finetune, "finetune"),
+                       parse_section(TrackingConfig, tracking, "tracking"), "kfp", pipeline_run_id)
+    model.metadata.update({"arch": summary["arch"], "best_epoch": summary["best_epoch"],
+                           "mlflow_run_id": summary["run_id"]})
     for key in ("best_epoch", "epochs_run", "best_val_loss", "best_val_accuracy"):
         metrics.log_metric(key, summary[key])
     Path(curves.path).write_text(png_html("Training curves", Path(model.path) / "training_curves.png"))
@@ -87,25 +97,22 @@ def finetune_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def validate_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input[Model], model: Input[Model],
-                params: dict, register: dict, experiment: str, pipeline_run_id: str, reports: Output[Artifact],
+                validate: dict, register: dict, tracking: dict, pipeline_run_id: str, reports: Output[Artifact],
                 metrics: Output[Metrics], confusion: Output[ClassificationMetrics],
                 decision: Output[Markdown], report: Output[HTML]) -> bool:
-    """Test-split metrics and the gate against thresholds and the champion; logs the MLflow run.
+    """Test-split metrics and the gate against thresholds and the champion; completes the MLflow run.
     Returns whether the gate passed."""
     import json
     from pathlib import Path
 
-    from components.config import RegisterConfig, ValidateConfig, parse_section
-    from components.tracking import log_pipeline_run
-    from components.validate import find_champion, validate
+    from components import validate as step
+    from components.config import RegisterConfig, TrackingConfig, ValidateConfig, parse_section
     from pipelines.views import gate_markdown, validation_html
 
-    cfg = parse_section(ValidateConfig, params, "validate")
-    champion = find_champion(parse_section(RegisterConfig, register, "register")) if cfg.compare_with_champion \
-        else None
-    gate = validate(dataset.path, model.path, reports.path, cfg, champion)
-    run = log_pipeline_run(dataset.path, policy.path, weights.path, model.path, reports.path, experiment,
-                           runner="kfp", pipeline_run_id=pipeline_run_id)
+    gate, run = step.run(dataset.path, policy.path, weights.path, model.path, reports.path,
+                         parse_section(ValidateConfig, validate, "validate"),
+                         parse_section(RegisterConfig, register, "register"),
+                         parse_section(TrackingConfig, tracking, "tracking"), "kfp", pipeline_run_id)
     result = json.loads((Path(reports.path) / "metrics.json").read_text())
     for key in ("accuracy", "macro_f1", "min_class_recall", "ece"):
         metrics.log_metric(key, result[key])
@@ -117,17 +124,22 @@ def validate_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def register_op(reports: Input[Artifact], params: dict, registration: Output[Artifact]) -> int:
-    """Register the validated model and point the alias at it. Returns the version."""
+def register_op(reports: Input[Artifact], register: dict, registration: Output[Artifact]) -> int:
+    """Register the validated model and point the alias at it. Returns the version (0: none)."""
     from components.config import RegisterConfig, parse_section
-    from components.register import register
+    from components.register import register as register_model
 
-    result = register(reports.path, registration.path, parse_section(RegisterConfig, params, "register"))
+    result = register_model(reports.path, registration.path, parse_section(RegisterConfig, register, "register"))
     registration.metadata.update(result)
-    return int(result["version"])
+    return int(result.get("version", 0))
 
 
-# ---- pipeline -----------------------------------------------------------------------------
+OPS = {"data": data_op, "augment": augment_op, "fetch_pretrained": fetch_pretrained_op, "finetune": finetune_op,
+       "validate": validate_op, "register": register_op}
+RUN_ID = "pipeline_run_id"  # a component argument that receives the Kubeflow run id
+
+
+# ---- pipeline, built from pipelines/dag.py ------------------------------------------------
 
 def _with_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
     """MLflow's address from a ConfigMap; MLflow's, S3's and the DVC remote's credentials from a
@@ -145,45 +157,54 @@ def _with_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune a pretrained image classifier; register it in "
-              "MLflow when it passes validation.")
-def finetune_pipeline(
-    data_source: str = PARAMS.data.source,
-    data_repo: str = PARAMS.data.repo,
-    data_rev: str = PARAMS.data.rev,
-    data: dict = _defaults(PARAMS.data),
-    augment: dict = _defaults(PARAMS.augment),
-    pretrained: dict = _defaults(PARAMS.pretrained),
-    finetune: dict = _defaults(PARAMS.finetune),
-    validate: dict = _defaults(PARAMS.gate),
-    register: dict = _defaults(PARAMS.registry),
-    experiment: str = PARAMS.tracking.experiment,
-):
-    data_task = _with_credentials(data_op(source=data_source, repo=data_repo, rev=data_rev, params=data))
-    data_task.set_display_name("data")
-    augment_task = augment_op(dataset=data_task.outputs["dataset"], params=augment).set_display_name("augment")
-    fetch_task = _with_credentials(fetch_pretrained_op(params=pretrained)).set_display_name("fetch_pretrained")
-    finetune_task = finetune_op(dataset=data_task.outputs["dataset"], policy=augment_task.outputs["policy"],
-                                weights=fetch_task.outputs["weights"], params=finetune).set_display_name("finetune")
-    finetune_task.set_cpu_request(PARAMS.pipeline.finetune_cpu).set_cpu_limit(PARAMS.pipeline.finetune_cpu)
-    finetune_task.set_memory_request(PARAMS.pipeline.finetune_memory)
-    finetune_task.set_memory_limit(PARAMS.pipeline.finetune_memory)
-    if PARAMS.pipeline.finetune_gpus:
-        finetune_task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(PARAMS.pipeline.finetune_gpus)
-    # validate and register write to MLflow: never skip them as cache hits
-    validate_task = _with_credentials(validate_op(
-        dataset=data_task.outputs["dataset"], policy=augment_task.outputs["policy"],
-        weights=fetch_task.outputs["weights"], model=finetune_task.outputs["model"], params=validate,
-        register=register, experiment=experiment, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
-    validate_task.set_display_name("validate").set_caching_options(False)
-    with dsl.If(validate_task.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
-        register_task = _with_credentials(register_op(reports=validate_task.outputs["reports"], params=register))
-        register_task.set_display_name("register").set_caching_options(False)
+def _configure(task: dsl.PipelineTask, step: Step) -> None:
+    task.set_display_name(step.name).set_caching_options(step.cache)
+    if step.credentials:
+        _with_credentials(task)
+    if step.sized:
+        pipeline = PARAMS.pipeline
+        task.set_cpu_request(pipeline.finetune_cpu).set_cpu_limit(pipeline.finetune_cpu)
+        task.set_memory_request(pipeline.finetune_memory).set_memory_limit(pipeline.finetune_memory)
+        if pipeline.finetune_gpus:
+            task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(pipeline.finetune_gpus)
+
+
+def pipeline_parameters(params=PARAMS) -> dict[str, object]:
+    """Every pipeline parameter with its default: the components' non-artifact arguments, in order."""
+    values = {"data_source": params.data.source, "data_repo": params.data.repo, "data_rev": params.data.rev,
+              **{name: section for name, section in params.model_dump(mode="json", by_alias=True).items()}}
+    names = [name for step in steps_for("kubeflow", demo=False) for name in OPS[step.name].component_spec.inputs
+             if name not in ARTIFACTS and name != RUN_ID]
+    return {name: values[name] for name in dict.fromkeys(names)}
+
+
+def _build(*channels):
+    values = dict(zip(pipeline_parameters(), channels))
+    writer, tasks = producers(), {}
+    for step in steps_for("kubeflow", demo=False):
+        op = OPS[step.name]
+        kwargs = {name: tasks[writer[name].name].outputs[name] if name in ARTIFACTS
+                  else dsl.PIPELINE_JOB_ID_PLACEHOLDER if name == RUN_ID else values[name]
+                  for name in op.component_spec.inputs}
+        if step.when:
+            with dsl.If(tasks[step.when].outputs["Output"] == True, name=f"{step.when}-passed"):  # noqa: E712
+                task = op(**kwargs)
+        else:
+            task = op(**kwargs)
+        _configure(task, step)
+        tasks[step.name] = task
+
+
+_build.__name__ = "finetune_pipeline"
+_build.__signature__ = inspect.Signature([
+    inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=type(default))
+    for name, default in pipeline_parameters().items()])
+finetune_pipeline = dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune a pretrained image classifier; "
+                                 "register it in MLflow when it passes validation.")(_build)
 
 
 # ---- compile, run locally, schedule -------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parent.parent
 COMPILED = ROOT / "pipelines" / "finetune_pipeline.yaml"
 
 
@@ -208,18 +229,18 @@ def run_local(params_file: Path, pipeline_root: Path):
 
     import kfp.local
 
+    from components.tracking import DEFAULT_STORE
+
     params = load_params(params_file)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")  # the store DVC runs use
-    pretrained = _defaults(params.pretrained)
-    if "://" not in pretrained["uri"] or pretrained["uri"].startswith("file://"):
-        pretrained["uri"] = _existing_path(pretrained["uri"].removeprefix("file://"), "pretrained.uri")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / DEFAULT_STORE}")  # the store DVC runs use
+    arguments = pipeline_parameters(params)
+    uri = arguments["pretrained"]["uri"]
+    if "://" not in uri or uri.startswith("file://"):
+        arguments["pretrained"]["uri"] = _existing_path(uri.removeprefix("file://"), "pretrained.uri")
+    if not (params.data.repo or "://" in params.data.source):
+        arguments["data_source"] = _existing_path(params.data.source, "data.source")
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
-    remote = params.data.repo or "://" in params.data.source
-    return finetune_pipeline(
-        data_source=params.data.source if remote else _existing_path(params.data.source, "data.source"),
-        data_repo=params.data.repo, data_rev=params.data.rev, data=_defaults(params.data),
-        augment=_defaults(params.augment), pretrained=pretrained, finetune=_defaults(params.finetune),
-        validate=_defaults(params.gate), register=_defaults(params.registry), experiment=params.tracking.experiment)
+    return finetune_pipeline(**arguments)
 
 
 def schedule(client, cron: str, job_name: str, experiment: str, package: Path = COMPILED,

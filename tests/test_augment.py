@@ -3,15 +3,16 @@ import torch
 from PIL import Image
 
 from components.augment import augment, eval_transform, load_policy, train_transform
-from components.config import AugmentConfig, ConfigError, DataConfig, parse_section
+from components.config import AugmentConfig, ConfigError, parse_section
 from components.data import prepare
+from helpers import data_cfg, policy_cfg
 
-POLICY = AugmentConfig(image_size=24, resize_scale=(0.5, 1.0), hflip=0.5, rotation=15, brightness=0.3,
+POLICY = policy_cfg(image_size=24, resize_scale=(0.5, 1.0), hflip=0.5, rotation=15, brightness=0.3,
                        preview_images=4)
 
 
 def test_policy_and_preview_are_written_and_round_trip(image_folder, tmp_path):
-    prepare(image_folder, tmp_path / "data", DataConfig(source=str(image_folder), workers=1))
+    prepare(image_folder, tmp_path / "data", data_cfg(source=str(image_folder), workers=1))
     augment(tmp_path / "data", tmp_path / "aug", POLICY)
     assert load_policy(tmp_path / "aug") == POLICY
     with Image.open(tmp_path / "aug" / "preview.png") as preview:
@@ -35,4 +36,4 @@ def test_normalisation_uses_the_policy_mean_and_std():
 
 def test_reversed_range_is_rejected_naming_the_setting():
     with pytest.raises(ConfigError, match=r"augment: .*resize_scale must be \[low, high\]"):
-        parse_section(AugmentConfig, {"resize_scale": [1.0, 0.5]}, "augment")
+        parse_section(AugmentConfig, {**policy_cfg().model_dump(), "resize_scale": [1.0, 0.5]}, "augment")

@@ -9,11 +9,11 @@ from PIL import Image
 from components.config import DataConfig
 from components.data import DataError, prepare
 from components.images import decode
-from conftest import make_imagefolder
+from helpers import data_cfg, make_imagefolder
 
 
 def _cfg(source, **kw) -> DataConfig:
-    return DataConfig(source=str(source), val_fraction=0.2, test_fraction=0.2, workers=1, **kw)
+    return data_cfg(source, **{"val_fraction": 0.2, "test_fraction": 0.2, **kw})
 
 
 def _manifest(out):
@@ -40,15 +40,39 @@ def test_fingerprint_changes_when_one_image_changes(image_folder, tmp_path):
     assert prepare(image_folder, tmp_path / "b", _cfg(image_folder))["fingerprint"] != before
 
 
-def test_adding_images_never_moves_an_existing_image(image_folder, tmp_path):
+def test_adding_images_moves_at_most_two_existing_images_per_image_added(image_folder, tmp_path):
+    """Exact per-class proportions cost a little stability: each added image can push one existing
+    image across each of the two split boundaries of its class, never more."""
     prepare(image_folder, tmp_path / "a", _cfg(image_folder))
-    more = make_imagefolder(tmp_path / "more", {"circle": 20, "square": 20, "triangle": 20}, seed=7)
+    more = make_imagefolder(tmp_path / "more", {"circle": 3, "square": 0, "triangle": 10}, seed=7)
     for path in more.rglob("*.png"):
         shutil.copyfile(path, image_folder / path.parent.name / f"new-{path.name}")
     prepare(image_folder, tmp_path / "b", _cfg(image_folder))
     before, after = _manifest(tmp_path / "a"), _manifest(tmp_path / "b")
-    assert len(after) == len(before) + 60
-    assert all(after[p]["split"] == row["split"] for p, row in before.items())
+    assert len(after) == len(before) + 13
+    moved = {label: sum(after[p]["split"] != row["split"] for p, row in before.items() if row["label"] == label)
+             for label in ("circle", "square", "triangle")}
+    assert moved["square"] == 0  # nothing added to it: nothing moves
+    assert moved["circle"] <= 2 * 3 and moved["triangle"] <= 2 * 10
+
+
+@pytest.mark.parametrize("per_class", [3, 7, 30, 101])
+def test_every_class_is_split_in_the_configured_proportions(tmp_path, per_class):
+    src = make_imagefolder(tmp_path / "raw", {"a": per_class, "b": per_class, "c": per_class}, size=24)
+    report = prepare(src, tmp_path / "out", _cfg(src, val_fraction=0.15, test_fraction=0.15))
+    expected = max(1, int(per_class * 0.15 + 0.5))  # rounded half up, at least one
+    for label in ("a", "b", "c"):
+        assert report["counts"]["test"][label] == expected and report["counts"]["val"][label] == expected
+        assert report["counts"]["train"][label] == per_class - 2 * expected
+
+
+def test_small_splits_are_warned_about_in_the_report(tmp_path):
+    src = make_imagefolder(tmp_path / "raw", {"a": 30, "b": 30}, size=24)
+    report = prepare(src, tmp_path / "out", _cfg(src, val_fraction=0.15, test_fraction=0.15))
+    assert any(w.startswith("test split: fewer than 10 images for class(es) a 5, b 5") for w in report["warnings"])
+    assert any(w.startswith("test split: 10 images: one image is 10.0% of accuracy") for w in report["warnings"])
+    big = make_imagefolder(tmp_path / "big", {"a": 200, "b": 200}, size=24)
+    assert prepare(big, tmp_path / "big-out", _cfg(big, val_fraction=0.15, test_fraction=0.15))["warnings"] == []
 
 
 def test_identical_images_land_in_the_same_split_and_are_reported(image_folder, tmp_path):
@@ -119,7 +143,7 @@ def test_non_image_files_are_ignored_and_listed(image_folder, tmp_path):
 def test_names_with_spaces_and_non_ascii_work(tmp_path):
     src = make_imagefolder(tmp_path / "raw", {"chat noir": 12, "éléphant": 12})
     (src / "chat noir" / "img-000.png").rename(src / "chat noir" / "photo de Zoé 1.png")
-    report = prepare(src, tmp_path / "out", DataConfig(source=str(src), val_fraction=0.25, test_fraction=0.25,
+    report = prepare(src, tmp_path / "out", data_cfg(source=str(src), val_fraction=0.25, test_fraction=0.25,
                                                         seed=3, workers=1))
     assert report["classes"] == ["chat noir", "éléphant"]
     assert (tmp_path / "out" / "images" / "chat noir" / "photo de Zoé 1.png").exists()

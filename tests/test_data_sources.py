@@ -7,11 +7,11 @@ import pytest
 from components.config import DataConfig
 from components.data import prepare
 from components.data_sources import SourceError, describe, redact, safe_join
-from conftest import dvc_data_repo, make_imagefolder
+from helpers import data_cfg, dvc_data_repo, make_imagefolder
 
 
 def _cfg(source, **kw) -> DataConfig:
-    return DataConfig(source=str(source), val_fraction=0.2, test_fraction=0.2, workers=1, **kw)
+    return data_cfg(source=str(source), val_fraction=0.2, test_fraction=0.2, workers=1, **kw)
 
 
 # SeaweedFS itself refuses object keys with `..` segments, so no key that climbs can be stored there;
@@ -59,16 +59,16 @@ def test_dvc_push_and_pull_round_trip_through_the_s3_remote(data_repo):
 
 def test_dataset_at_a_git_revision_comes_from_the_dvc_remote(data_repo, tmp_path):
     repo, _ = data_repo
-    v1 = prepare("images", tmp_path / "v1", DataConfig(source="images", repo=str(repo), rev="v1", workers=1,
+    v1 = prepare("images", tmp_path / "v1", data_cfg(source="images", repo=str(repo), rev="v1", workers=1,
                                                         val_fraction=0.2, test_fraction=0.2))
-    v2 = prepare("images", tmp_path / "v2", DataConfig(source="images", repo=str(repo), rev="v2", workers=1,
+    v2 = prepare("images", tmp_path / "v2", data_cfg(source="images", repo=str(repo), rev="v2", workers=1,
                                                         val_fraction=0.2, test_fraction=0.2))
     assert v1["source"] == f"{repo}@v1:images" and v1["classes"] == ["circle", "square"]
     assert v1["num_images"] == 40 and v2["num_images"] == 70
     dvc_file = (repo / "images.dvc").read_text()  # v2's; v1's hash differs
     assert v2["fingerprint"] in dvc_file and v1["fingerprint"] != v2["fingerprint"]
     assert v1["fingerprint"].endswith(".dir")
-    again = prepare("images", tmp_path / "v1-again", DataConfig(source="images", repo=str(repo), rev="v1",
+    again = prepare("images", tmp_path / "v1-again", data_cfg(source="images", repo=str(repo), rev="v1",
                                                                 workers=1, val_fraction=0.2, test_fraction=0.2))
     assert (tmp_path / "v1" / "manifest.csv").read_text() == (tmp_path / "v1-again" / "manifest.csv").read_text()
     assert again["fingerprint"] == v1["fingerprint"]
@@ -77,11 +77,11 @@ def test_dataset_at_a_git_revision_comes_from_the_dvc_remote(data_repo, tmp_path
 def test_unknown_revision_is_named(data_repo, tmp_path):
     repo, _ = data_repo
     with pytest.raises(SourceError, match=r"cannot read .*@v9:images"):
-        prepare("images", tmp_path / "o", DataConfig(source="images", repo=str(repo), rev="v9", workers=1))
+        prepare("images", tmp_path / "o", data_cfg(source="images", repo=str(repo), rev="v9", workers=1))
 
 
 def test_credentials_in_a_repository_url_never_reach_the_report():
     url = "https://ci-bot:ghp_s3cr3t@git.example.com/team/data.git"
     assert redact(url) == "https://git.example.com/team/data.git"
-    assert "s3cr3t" not in describe(DataConfig(source="images", repo=url, rev="v3"))
+    assert "s3cr3t" not in describe(data_cfg(source="images", repo=url, rev="v3"))
     assert redact("/local/path") == "/local/path" and redact("s3://bucket/key") == "s3://bucket/key"

@@ -1,35 +1,41 @@
-"""`dvc repro` of the whole pipeline, demo stages included, in a temporary copy of the repository."""
+"""`dvc repro` as users meet it: `git clone` + `make run`, then, in a copy with tiny settings, what reruns
+when nothing, a parameter, the code or the tracking store changes, and `dvc exp run --temp/--queue`."""
 
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
-from conftest import ROOT
+from helpers import ROOT, commit, repository_copy
 
 pytestmark = pytest.mark.e2e
 
-STAGES = ["demo_digits", "demo_zoo", "data", "augment", "fetch_pretrained", "finetune", "validate", "register"]
+STAGES = ["demo_digits", "demo_zoo", "data", "augment", "fetch_pretrained", "finetune", "tracking", "validate",
+          "register"]
+MODEL = "digits-5-9-resnet18"
 
 
-def _dvc(repo: Path, *args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the default local store
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"   # `python` in dvc.yaml = this venv
-    proc = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}  # the default store
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"               # `python` = this venv
+    return {**env, **extra}
 
 
-def _repro(repo: Path) -> list[str]:
-    """Run `dvc repro`; return the names of the stages that ran."""
-    return re.findall(r"Running stage '([^']+)'", _dvc(repo, "repro"))
+def _run(cmd: list[str], cwd: Path, **extra) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(**extra), capture_output=True, text=True)
+    assert proc.returncode == 0, f"{cmd}: " + proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
 
 
 def _set_params(repo: Path, mutate) -> None:
@@ -38,62 +44,133 @@ def _set_params(repo: Path, mutate) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+def _store(repo: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def test_fresh_clone_make_run_leaves_a_finished_run_and_a_champion_and_a_second_run_retrains_nothing(tmp_path):
+    """The README's quick start as written, in a `git clone` (the virtualenv is this one, as `make` built it)."""
+    origin = repository_copy(tmp_path / "origin")
+    _run(["git", "clone", "-q", str(origin), str(tmp_path / "clone")], tmp_path)
+    clone = tmp_path / "clone"
+    make = ["make", "run", f"VENV={Path(sys.executable).parent.parent}"]
+
+    start = time.monotonic()
+    first = _run(make, clone)
+    first_s = time.monotonic() - start
+    assert _ran(first) == STAGES
+
+    client = _store(clone)
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    run = client.get_run(champion.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["gate_passed"] == "true"
+    assert run.info.run_name.endswith("resnet18 → digits-5-9")
+    # live: the run opened when training started, each epoch logged when it ended, with its own timestamp
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert len({m.timestamp for m in history}) == len(history) > 1
+    assert run.info.start_time < min(m.timestamp for m in history) <= max(m.timestamp for m in history) \
+        < run.info.end_time
+    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics)
+    assert run.info.artifact_uri.startswith((clone / "mlruns").as_uri())  # beside mlflow.db, in the workspace
+    assert json.loads((clone / "artifacts" / "validate" / "run.json").read_text())["run_id"] == run.info.run_id
+
+    start = time.monotonic()
+    second = _run(make, clone)
+    second_s = time.monotonic() - start
+    assert _ran(second) == ["tracking"]  # resolves where runs go; nothing else has changed
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    print(f"\nfresh clone: first `make run` {first_s:.1f} s, second (nothing changed) {second_s:.1f} s")
+
+    # the MLflow UI shows the run and the champion (infra/mlflow_screenshot.py, headless Chromium)
+    shots = tmp_path / "screenshots"
+    out = _run([sys.executable, str(ROOT / "infra" / "mlflow_screenshot.py"), "--store", str(clone / "mlflow.db"),
+                "--out", str(shots)], clone)
+    assert run.info.run_name in out and f"{MODEL} version 1 @champion" in out
+    assert all((shots / name).stat().st_size > 20_000 for name in ("runs.png", "run.png", "model.png"))
+
+    # `dvc plots show` renders offline: no script from a CDN, the Vega libraries inlined
+    _run(["dvc", "plots", "show"], clone)
+    page = (clone / "dvc_plots" / "index.html").read_text()
+    assert not re.search(r"<script[^>]+src=", page) and "vegaEmbed(" in page and "Vega-Lite" in page
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    """The repository's files (committed or not, minus ignored ones) in a fresh git repository."""
-    dest = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file() and not name.startswith("tests/") and name != "dvc.lock":
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
+    """A copy of the repository with tiny settings, committed (what `dvc exp run` diffs against)."""
+    dest = repository_copy(tmp_path_factory.mktemp("repo"))
 
     def tiny(p):
         p["demo"]["epochs"] = 1
         p["augment"]["preview_images"] = 2
         p["finetune"]["max_epochs"] = 2
+        p["tracking"]["system_metrics"] = False
         # the champion comparison runs, but a 2-epoch model may lose to the last one: any loss is allowed
         p["validate"].update(min_accuracy=0.3, min_macro_f1=0.0, min_class_recall=0.0, champion_margin=1.0)
 
     _set_params(dest, tiny)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dest, check=True)
+    _run([sys.executable, "-m", "pipelines", "generate"], dest)
+    commit(dest, "tiny settings")
     return dest
 
 
-def test_repro_runs_every_stage_then_nothing_then_only_what_a_parameter_touches(repo):
-    assert _repro(repo) == STAGES
-
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
-    version = client.get_model_version_by_alias("digits-5-9-resnet18", "champion")
+def test_repro_reruns_what_a_parameter_or_the_code_touches_and_records_runs_where_they_are_asked_for(
+        repo, mlflow_server):
+    assert _ran(_run(["dvc", "repro"], repo)) == STAGES
+    client = _store(repo)
+    version = client.get_model_version_by_alias(MODEL, "champion")
     run = client.get_run(version.run_id)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     assert run.data.tags["git_commit"] == head == version.tags["git_commit"]
-    assert len(run.data.tags["data_fingerprint"]) == 64 and len(run.data.tags["pretrained_sha256"]) == 64
     assert run.data.params["finetune.max_epochs"] == "2" and run.data.params["pretrained.arch"] == "resnet18"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
-    assert {"test_accuracy", "test_macro_f1", "val_accuracy", "val_loss"} <= set(run.data.metrics)
     artifacts = {f.path for folder in ("validate", "augment") for f in client.list_artifacts(run.info.run_id, folder)}
     assert {"validate/confusion_matrix.png", "augment/preview.png"} <= artifacts
-    assert (repo / "data" / "raw" / "digits-5-9" / "7").is_dir() and (repo / "zoo" / "resnet18-digits-0-4.pt").exists()
-
-    assert _repro(repo) == []  # nothing changed: nothing runs, nothing is logged
     experiment = client.get_experiment_by_name("finetune-digits").experiment_id
+
+    assert _ran(_run(["dvc", "repro"], repo)) == ["tracking"]  # nothing changed: nothing trains, nothing is logged
     assert len(client.search_runs([experiment])) == 1
 
     _set_params(repo, lambda p: p["finetune"].update(lr=0.02))
-    assert _repro(repo) == ["finetune", "validate", "register"]
-    assert len(client.search_runs([experiment])) == 2
-    assert int(client.get_model_version_by_alias("digits-5-9-resnet18", "champion").version) == 2
-
-    gate = yaml.safe_load((repo / "artifacts" / "validate" / "gate.json").read_text())
+    assert _ran(_run(["dvc", "repro"], repo)) == ["finetune", "tracking", "validate", "register"]
+    runs = client.search_runs([experiment], order_by=["start_time DESC"])
+    assert len(runs) == 2 and runs[0].info.run_name == "lr=0.02 · resnet18 → digits-5-9"  # what changed, first
+    assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 2
+    gate = json.loads((repo / "artifacts" / "validate" / "gate.json").read_text())
     assert gate["champion"]["champion_version"] == "1" and "lower_bound" in gate["champion"]
 
-    metrics = _dvc(repo, "metrics", "show", "--json")
-    assert '"accuracy"' in metrics and '"ece"' in metrics
-    shown = set(json.loads(_dvc(repo, "plots", "show", "--json"))["data"])
-    assert {"loss", "accuracy", "confusion", "calibration", "artifacts/validate/reliability.png",
-            "artifacts/validate/misclassified.png", "artifacts/augment/preview.png"} <= shown
+    # a change to decoding reruns every stage whose step decodes images
+    images = repo / "components" / "images.py"
+    images.write_text(images.read_text() + "\n# touched\n")
+    assert _ran(_run(["dvc", "repro"], repo)) == STAGES
+    commit(repo, "lr 0.02, decoding touched")
+
+    # another store (MLFLOW_TRACKING_URI): the run is recorded there without training again
+    to_server = _run(["dvc", "repro"], repo, MLFLOW_TRACKING_URI=mlflow_server)
+    assert _ran(to_server) == ["tracking", "validate", "register"]
+    remote = mlflow.MlflowClient(mlflow_server)
+    moved = remote.get_run(remote.get_model_version_by_alias(MODEL, "champion").run_id)
+    local = client.get_run(client.get_model_version_by_alias(MODEL, "champion").run_id)
+    assert moved.data.tags["trained_in_run"] == local.info.run_id and moved.info.run_name == local.info.run_name
+    assert [(m.step, m.timestamp) for m in remote.get_metric_history(moved.info.run_id, "val_loss")] == \
+        [(m.step, m.timestamp) for m in client.get_metric_history(local.info.run_id, "val_loss")]
+
+
+def test_dvc_experiments_in_temporary_copies_log_to_the_workspace_store_and_see_its_champion(repo):
+    _run(["dvc", "repro"], repo)
+    client = _store(repo)
+    champion = client.get_model_version_by_alias(MODEL, "champion").version
+    experiment = client.get_experiment_by_name("finetune-digits").experiment_id
+    before = {r.info.run_id for r in client.search_runs([experiment])}
+
+    _run(["dvc", "exp", "run", "--temp", "-n", "temp-lr", "-S", "finetune.lr=0.003"], repo)
+    _run(["dvc", "exp", "run", "--queue", "-n", "queued-lr", "-S", "finetune.lr=0.004"], repo)
+    _run(["dvc", "exp", "run", "--run-all"], repo)
+
+    new = [r for r in client.search_runs([experiment]) if r.info.run_id not in before]
+    assert sorted(r.data.tags["dvc_experiment"] for r in new) == ["queued-lr", "temp-lr"]
+    for run in new:
+        assert run.info.status == "FINISHED" and run.info.run_name.startswith(run.data.tags["dvc_experiment"])
+        assert "lr=0.00" in run.info.run_name
+        assert "accuracy_difference_lower_bound" in run.data.metrics  # compared with the workspace's champion
+        assert Path(run.info.artifact_uri.removeprefix("file://")).is_dir()  # artifacts outlive the temp copy
+    assert int(client.get_model_version_by_alias(MODEL, "challenger").version) > int(champion)

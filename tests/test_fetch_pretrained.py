@@ -6,9 +6,8 @@ import torch
 import torchvision
 
 from components import models
-from components.config import PretrainedConfig
 from components.fetch_pretrained import FetchError, fetch
-from conftest import save_checkpoint
+from helpers import pretrained_cfg, save_checkpoint
 
 
 def _sha(path) -> str:
@@ -23,7 +22,7 @@ def zoo_file(tmp_path):
 @pytest.mark.parametrize("form", ["path", "file_uri"])
 def test_local_checkpoint_is_fetched_and_its_sha256_recorded(zoo_file, tmp_path, form):
     uri = str(zoo_file) if form == "path" else f"file://{zoo_file}"
-    info = fetch(PretrainedConfig(uri=uri, arch="resnet18"), tmp_path / "out")
+    info = fetch(pretrained_cfg(uri=uri, arch="resnet18"), tmp_path / "out")
     assert info["sha256"] == _sha(zoo_file)
     assert info["num_classes"] == 4 and info["class_names"] == ["a", "b", "c", "d"]
     ckpt = torch.load(tmp_path / "out" / "weights.pt", weights_only=True)
@@ -32,10 +31,10 @@ def test_local_checkpoint_is_fetched_and_its_sha256_recorded(zoo_file, tmp_path,
 
 
 def test_matching_pin_passes_and_mismatch_is_a_clear_error(zoo_file, tmp_path):
-    fetch(PretrainedConfig(uri=str(zoo_file), arch="resnet18", sha256=_sha(zoo_file)), tmp_path / "ok")
+    fetch(pretrained_cfg(uri=str(zoo_file), arch="resnet18", sha256=_sha(zoo_file)), tmp_path / "ok")
     wrong = "0" * 64
     with pytest.raises(FetchError, match=rf"pretrained.sha256 mismatch for .*zoo.pt: pinned {wrong}, file .* has "):
-        fetch(PretrainedConfig(uri=str(zoo_file), arch="resnet18", sha256=wrong), tmp_path / "bad")
+        fetch(pretrained_cfg(uri=str(zoo_file), arch="resnet18", sha256=wrong), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
 
@@ -47,7 +46,7 @@ def test_torchvision_weights_load_from_torch_home_offline(tmp_path, monkeypatch)
     cached.parent.mkdir(parents=True)
     torch.manual_seed(1)
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), cached)  # a plain state dict, as published
-    info = fetch(PretrainedConfig(uri="torchvision://resnet18?weights=IMAGENET1K_V1", arch="resnet18"),
+    info = fetch(pretrained_cfg(uri="torchvision://resnet18?weights=IMAGENET1K_V1", arch="resnet18"),
                  tmp_path / "out")
     assert info["sha256"] == _sha(cached)
     assert info["num_classes"] == 1000
@@ -59,13 +58,13 @@ def test_torchvision_weights_missing_offline_say_where_they_were_looked_for(tmp_
     monkeypatch.setattr(torch.hub, "download_url_to_file",
                         lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))  # no internet here
     with pytest.raises(FetchError, match=r"not in .*torch-home/hub/checkpoints and download of .* failed"):
-        fetch(PretrainedConfig(uri="torchvision://resnet18?weights=IMAGENET1K_V1", arch="resnet18"), tmp_path / "o")
+        fetch(pretrained_cfg(uri="torchvision://resnet18?weights=IMAGENET1K_V1", arch="resnet18"), tmp_path / "o")
     assert not any((tmp_path / "torch-home" / "hub" / "checkpoints").iterdir())  # nothing half-written cached
 
 
 def test_unknown_torchvision_weights_are_named(tmp_path):
     with pytest.raises(FetchError, match="torchvision has no such weights"):
-        fetch(PretrainedConfig(uri="torchvision://resnet18?weights=NOPE", arch="resnet18"), tmp_path / "o")
+        fetch(pretrained_cfg(uri="torchvision://resnet18?weights=NOPE", arch="resnet18"), tmp_path / "o")
 
 
 class _RunsCode:
@@ -81,7 +80,7 @@ def test_checkpoint_whose_pickle_runs_code_is_refused_and_the_code_never_runs(tm
     evil = tmp_path / "evil.pt"
     torch.save({"state_dict": {}, "payload": _RunsCode(marker)}, evil)
     with pytest.raises(FetchError, match="refused to load"):
-        fetch(PretrainedConfig(uri=str(evil), arch="resnet18"), tmp_path / "out")
+        fetch(pretrained_cfg(uri=str(evil), arch="resnet18"), tmp_path / "out")
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
 
@@ -89,9 +88,9 @@ def test_checkpoint_whose_pickle_runs_code_is_refused_and_the_code_never_runs(tm
 def test_weights_of_another_architecture_list_the_mismatched_layers(tmp_path):
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pt")
     with pytest.raises(models.WeightsError, match=r"do not match architecture 'resnet18': unexpected: layer1.2"):
-        fetch(PretrainedConfig(uri=str(tmp_path / "r34.pt"), arch="resnet18"), tmp_path / "out")
+        fetch(pretrained_cfg(uri=str(tmp_path / "r34.pt"), arch="resnet18"), tmp_path / "out")
 
 
 def test_unsupported_scheme_is_named(tmp_path):
     with pytest.raises(FetchError, match=r"pretrained.uri: ftp://x/y.pt: unsupported scheme"):
-        fetch(PretrainedConfig(uri="ftp://x/y.pt", arch="resnet18"), tmp_path / "out")
+        fetch(pretrained_cfg(uri="ftp://x/y.pt", arch="resnet18"), tmp_path / "out")

@@ -3,14 +3,14 @@ import torch
 from torch import nn
 
 from components import models
-from components.config import AugmentConfig, FinetuneConfig, PretrainedConfig
 from components.fetch_pretrained import fetch
 from components.finetune import finetune, fit, make_loaders
-from conftest import POLICY as POLICY_VALUES
-from conftest import save_checkpoint
+from helpers import POLICY as POLICY_VALUES
+from helpers import finetune_cfg, policy_cfg, pretrained_cfg
+from helpers import save_checkpoint
 
-POLICY = AugmentConfig(**POLICY_VALUES)
-FAST = FinetuneConfig(freeze=["conv1", "bn1", "layer1"], lr=0.01, batch_size=16, max_epochs=2, patience=2)
+POLICY = policy_cfg(**POLICY_VALUES)
+FAST = finetune_cfg(freeze=["conv1", "bn1", "layer1"], lr=0.01, batch_size=16, max_epochs=2, patience=2)
 
 
 def _bn_stats(state: dict, prefix: str) -> dict:
@@ -43,7 +43,7 @@ def test_output_layer_is_replaced_when_the_class_count_differs(artifacts):
 
 def test_output_layer_is_kept_when_the_classes_are_the_same(artifacts, tmp_path):
     zoo = save_checkpoint(tmp_path / "same.pt", "resnet18", ["circle", "square", "triangle"])
-    fetch(PretrainedConfig(uri=str(zoo), arch="resnet18"), tmp_path / "pre-same")
+    fetch(pretrained_cfg(uri=str(zoo), arch="resnet18"), tmp_path / "pre-same")
     head = torch.load(zoo, weights_only=True)["state_dict"]["fc.weight"]
     summary = finetune(artifacts / "data", artifacts / "aug", tmp_path / "pre-same", tmp_path / "model",
                        FAST.model_copy(update={"freeze": ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"],

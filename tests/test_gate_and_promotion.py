@@ -12,16 +12,15 @@ import torch
 
 from components.augment import augment
 from components.compare import paired_comparison
-from components.config import (AugmentConfig, DataConfig, FinetuneConfig, PretrainedConfig, RegisterConfig,
-                               ValidateConfig)
+from components.config import RegisterConfig
 from components.data import prepare
 from components.demo_zoo import export_digits
 from components.fetch_pretrained import fetch
 from components.finetune import finetune
 from components.register import register
-from components.tracking import log_pipeline_run
-from components.validate import find_champion, validate
-from conftest import ROOT, save_checkpoint
+from components import validate as validate_step
+from helpers import ROOT, data_cfg, finetune_cfg, policy_cfg, pretrained_cfg, register_cfg, save_checkpoint, \
+    tracking_cfg, validate_cfg
 
 
 def test_identical_models_are_not_worse():
@@ -57,12 +56,12 @@ def digits(tmp_path_factory):
     """A ResNet-18 fine-tuned on digits 5, 6, 7 (about 0.9 test accuracy), and what it was made from."""
     t = tmp_path_factory.mktemp("digits")
     export_digits([5, 6, 7], t / "raw")
-    prepare(t / "raw", t / "data", DataConfig(source=str(t / "raw"), workers=1))
-    augment(t / "data", t / "aug", AugmentConfig(image_size=16, resize_scale=(0.85, 1.0), hflip=0, rotation=5,
+    prepare(t / "raw", t / "data", data_cfg(source=str(t / "raw"), workers=1))
+    augment(t / "data", t / "aug", policy_cfg(image_size=16, resize_scale=(0.85, 1.0), hflip=0, rotation=5,
                                                  preview_images=2))
-    fetch(PretrainedConfig(uri=str(save_checkpoint(t / "zoo.pt", "resnet18", ["a", "b", "c"])), arch="resnet18"),
+    fetch(pretrained_cfg(uri=str(save_checkpoint(t / "zoo.pt", "resnet18", ["a", "b", "c"])), arch="resnet18"),
           t / "pre")
-    finetune(t / "data", t / "aug", t / "pre", t / "good", FinetuneConfig(lr=0.02, batch_size=32, max_epochs=4))
+    finetune(t / "data", t / "aug", t / "pre", t / "good", finetune_cfg(lr=0.02, batch_size=32, max_epochs=4))
     # A broken challenger: the same network, but its output layer always says "5".
     ckpt = torch.load(t / "good" / "model.pt", weights_only=True)
     ckpt["state_dict"]["fc.weight"].zero_()
@@ -81,17 +80,16 @@ def server(mlflow_server, monkeypatch):
     return mlflow.MlflowClient()
 
 
-def _pipeline_run(digits, model: str, out, registry: RegisterConfig, cfg=ValidateConfig()) -> dict:
-    """validate (against whatever is champion now) and log the run, as the validate step does."""
-    gate = validate(digits / "data", digits / model, out, cfg, find_champion(registry))
-    log_pipeline_run(digits / "data", digits / "aug", digits / "pre", digits / model, out, "gate-tests",
-                     runner="test")
+def _pipeline_run(digits, model: str, out, registry: RegisterConfig, cfg=validate_cfg(), data="data") -> dict:
+    """The validate step as the pipeline runs it: against whatever is champion now, then the run."""
+    gate, _ = validate_step.run(digits / data, digits / "aug", digits / "pre", digits / model, out, cfg, registry,
+                                tracking_cfg("gate-tests"), "test", "test-run")
     return gate
 
 
 def test_without_a_champion_the_thresholds_alone_decide(digits, server, tmp_path):
-    reg = RegisterConfig(model_name="digits-first")
-    gate = _pipeline_run(digits, "good", tmp_path / "v", reg, ValidateConfig(min_accuracy=0.5))
+    reg = register_cfg(model_name="digits-first")
+    gate = _pipeline_run(digits, "good", tmp_path / "v", reg, validate_cfg(min_accuracy=0.5))
     assert gate["passed"]
     assert gate["champion"] == {"skipped": "no champion yet: the thresholds alone decide"}
     result = register(tmp_path / "v", tmp_path / "r.json", reg)
@@ -99,7 +97,7 @@ def test_without_a_champion_the_thresholds_alone_decide(digits, server, tmp_path
 
 
 def test_challenger_worse_than_the_champion_fails_the_gate_with_the_test_in_the_reasons(digits, server, tmp_path):
-    reg = RegisterConfig(model_name="digits-worse")
+    reg = register_cfg(model_name="digits-worse")
     _pipeline_run(digits, "good", tmp_path / "a", reg)
     register(tmp_path / "a", tmp_path / "a.json", reg)
     gate = _pipeline_run(digits, "broken", tmp_path / "b", reg)  # passes every threshold (all 0)
@@ -120,14 +118,13 @@ def test_challenger_worse_than_the_champion_fails_the_gate_with_the_test_in_the_
 
 
 def test_champion_with_other_classes_is_skipped_with_the_reason(digits, server, tmp_path):
-    reg = RegisterConfig(model_name="digits-other-classes")
+    reg = register_cfg(model_name="digits-other-classes")
     export_digits([1, 2], tmp_path / "raw12")
-    prepare(tmp_path / "raw12", tmp_path / "data12", DataConfig(source=str(tmp_path / "raw12"), workers=1))
+    prepare(tmp_path / "raw12", tmp_path / "data12", data_cfg(source=str(tmp_path / "raw12"), workers=1))
     finetune(tmp_path / "data12", digits / "aug", digits / "pre", tmp_path / "m12",
-             FinetuneConfig(lr=0.02, max_epochs=1))
-    validate(tmp_path / "data12", tmp_path / "m12", tmp_path / "v12", ValidateConfig())
-    log_pipeline_run(tmp_path / "data12", digits / "aug", digits / "pre", tmp_path / "m12", tmp_path / "v12",
-                     "gate-tests", runner="test")
+             finetune_cfg(lr=0.02, max_epochs=1))
+    validate_step.run(tmp_path / "data12", digits / "aug", digits / "pre", tmp_path / "m12", tmp_path / "v12",
+                      validate_cfg(), reg, tracking_cfg("gate-tests"), "test", "test-run")
     register(tmp_path / "v12", tmp_path / "r12.json", reg)
 
     gate = _pipeline_run(digits, "good", tmp_path / "v", reg)
@@ -145,13 +142,13 @@ def test_champion_registered_by_other_means_is_skipped_not_a_crash(digits, serve
         info = mlflow.pyfunc.log_model(name="model", python_model=_Constant())
     version = mlflow.register_model(info.model_uri, "digits-foreign")
     server.set_registered_model_alias("digits-foreign", "champion", version.version)
-    gate = _pipeline_run(digits, "good", tmp_path / "v", RegisterConfig(model_name="digits-foreign"))
+    gate = _pipeline_run(digits, "good", tmp_path / "v", register_cfg(model_name="digits-foreign"))
     assert gate["passed"]
     assert gate["champion"]["skipped"].startswith("champion v1 is not comparable: it holds no pipeline checkpoint")
 
 
 def test_manual_promotion_sets_only_the_challenger_alias(digits, server, tmp_path):
-    reg = RegisterConfig(model_name="digits-manual", promotion="manual")
+    reg = register_cfg(model_name="digits-manual", promotion="manual")
     _pipeline_run(digits, "good", tmp_path / "v", reg)
     result = register(tmp_path / "v", tmp_path / "r.json", reg)
     assert not result["promoted"] and result["aliases"] == ["challenger"]
@@ -162,7 +159,7 @@ def test_manual_promotion_sets_only_the_challenger_alias(digits, server, tmp_pat
 
 def test_two_pipelines_finishing_together_promote_one_and_lose_no_version(digits, server, tmp_path, mlflow_server):
     """Both were validated against champion v1; they register at the same moment in two processes."""
-    reg = RegisterConfig(model_name="digits-race")
+    reg = register_cfg(model_name="digits-race")
     _pipeline_run(digits, "good", tmp_path / "v1", reg)
     register(tmp_path / "v1", tmp_path / "r1.json", reg)
     for name in ("a", "b"):
@@ -173,7 +170,7 @@ def test_two_pipelines_finishing_together_promote_one_and_lose_no_version(digits
         "model_name: digits-5-9-resnet18", "model_name: digits-race"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     procs = [subprocess.Popen([sys.executable, "-m", "components.register", "--params", str(tmp_path / "params.yaml"),
-                               "--validation", str(tmp_path / name), "--out", str(tmp_path / f"{name}.json")],
+                               "--reports", str(tmp_path / name), "--out", str(tmp_path / f"{name}.json")],
                               env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for name in ("a", "b")]
     for p in procs:

@@ -8,29 +8,55 @@ import pytest
 import yaml
 
 from components.demo_zoo import export_digits
-from conftest import ROOT, dvc_data_repo, save_checkpoint
+from helpers import ROOT, dvc_data_repo, save_checkpoint
 
 COMPILED = ROOT / "pipelines" / "finetune_pipeline.yaml"
 
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory):
-    out = tmp_path_factory.mktemp("compiled") / "pipeline.yaml"
-    subprocess.run([sys.executable, "-m", "pipelines", "compile", "--out", str(out)], check=True, cwd=ROOT)
-    return list(yaml.safe_load_all(out.read_text()))
+    out = tmp_path_factory.mktemp("compiled")
+    subprocess.run([sys.executable, "-m", "pipelines", "generate", "--compiled", str(out / "pipeline.yaml"),
+                    "--dvc-yaml", str(out / "dvc.yaml")], check=True, cwd=ROOT)
+    return list(yaml.safe_load_all((out / "pipeline.yaml").read_text()))
 
 
 def test_compiled_yaml_in_the_repository_is_current(spec):
     # Compared as data: the SDK's header comment lists dict defaults in no fixed order.
     assert list(yaml.safe_load_all(COMPILED.read_text())) == spec, \
-        "pipelines/finetune_pipeline.yaml is stale: run `make compile` and commit it"
+        "pipelines/finetune_pipeline.yaml is stale: run `make generate` and commit it"
+
+
+def test_the_dag_is_the_declaration_tasks_artifacts_and_parameters(spec):
+    """Every Kubeflow step of pipelines/dag.py is a task that takes its inputs from the step that writes them."""
+    from pipelines.dag import ARTIFACTS, producers, steps_for
+
+    components = spec[0]["components"]
+    tasks = {**spec[0]["root"]["dag"]["tasks"], **components["comp-condition-1"]["dag"]["tasks"]}
+    steps = steps_for("kubeflow", demo=False)
+    assert sorted(tasks) == sorted([f"{s.name.replace('_', '-')}-op" for s in steps] + ["condition-1"])
+    for step in steps:
+        task = tasks[f"{step.name.replace('_', '-')}-op"]
+        assert task["taskInfo"]["name"] == step.name
+        wired = task.get("inputs", {}).get("artifacts", {})
+        assert sorted(wired) == sorted(step.inputs), step.name
+        for name in step.inputs:  # from the producing task, or through the condition's inputs (register)
+            producer = f"{producers()[name].name.replace('_', '-')}-op"
+            source = wired[name].get("taskOutputArtifact", {}).get("producerTask") or \
+                wired[name]["componentInputArtifact"].removeprefix("pipelinechannel--").removesuffix(f"-{name}")
+            assert source == producer, name
+        outputs = components[task["componentRef"]["name"]]["outputDefinitions"]["artifacts"]
+        assert step.output in outputs and step.output in ARTIFACTS
+    parameters = spec[0]["root"]["inputDefinitions"]["parameters"]
+    assert sorted(parameters) == sorted(["data_source", "data_repo", "data_rev", "data", "augment", "pretrained",
+                                         "finetune", "validate", "register", "tracking"])
 
 
 def test_pipeline_defaults_are_the_sections_of_params_yaml(spec, params):
     inputs = spec[0]["root"]["inputDefinitions"]["parameters"]
     assert inputs["data_source"]["defaultValue"] == params.data.source
     assert inputs["finetune"]["defaultValue"]["freeze"] == params.finetune.freeze
-    assert inputs["validate"]["defaultValue"]["min_accuracy"] == params.gate.min_accuracy
+    assert inputs["validate"]["defaultValue"]["min_accuracy"] == params.validation.min_accuracy
     assert inputs["register"]["defaultValue"]["model_name"] == params.registry.model_name
 
 
@@ -38,6 +64,7 @@ def test_register_runs_only_under_the_gate_condition(spec):
     dag = spec[0]["root"]["dag"]["tasks"]
     assert "register-op" not in dag
     condition = dag["condition-1"]
+    assert condition["taskInfo"]["name"] == "validate-passed"
     assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--validate-op-Output'] == true"
     assert "register-op" in spec[0]["components"]["comp-condition-1"]["dag"]["tasks"]
 
@@ -48,7 +75,7 @@ def test_tasks_with_side_effects_are_never_cached_and_get_mlflow_settings_from_t
     assert validate["cachingOptions"] == {} and register["cachingOptions"] == {}  # enableCaching false is omitted
     assert spec[0]["root"]["dag"]["tasks"]["finetune-op"]["cachingOptions"] == {"enableCache": True}
     executors = spec[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for name in ("exec-validate-op", "exec-register-op"):
+    for name in ("exec-finetune-op", "exec-validate-op", "exec-register-op"):  # finetune: the live MLflow run
         assert executors[name]["configMapAsEnv"][0]["configMapName"] == params.pipeline.mlflow_config_map
         secret_env = {e["envVar"] for e in executors[name]["secretAsEnv"][0]["keyToEnv"]}
         assert {"MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY"} <= secret_env
@@ -125,7 +152,10 @@ def test_kfp_local_run_registers_only_when_the_gate_passes(tmp_path, mlflow_serv
     run_local(tmp_path / "pass.yaml", tmp_path / "outputs-pass")
     version = client.get_model_version_by_alias("kfp-local-digits", "champion")
     run = client.get_run(version.run_id)
-    assert run.data.tags["pipeline_runner"] == "kfp"
+    assert run.data.tags["pipeline_runner"] == "kfp" and run.info.status == "FINISHED"
+    assert run.info.run_name.startswith(version.tags["pipeline_run_id"][-8:])  # a short unique part first
+    history = client.get_metric_history(run.info.run_id, "val_loss")  # logged live by the finetune task
+    assert len({m.timestamp for m in history}) == 2 and run.info.start_time < min(m.timestamp for m in history)
     assert run.data.tags["kfp_run_id"] == version.tags["pipeline_run_id"] != ""
     assert run.data.params["finetune.max_epochs"] == "2"  # arrived through Kubeflow as a float, logged as set
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2

@@ -8,7 +8,19 @@ import urllib.request
 import boto3
 import pytest
 
-from conftest import ROOT, free_port
+from helpers import ROOT, free_port
+
+
+LOG_A_RUN = """
+import sys, tempfile, pathlib, mlflow
+mlflow.set_tracking_uri(sys.argv[1])
+mlflow.set_experiment("stack-check")
+with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
+    path = pathlib.Path(tmp, "confusion.txt")
+    path.write_text("a picture would do too")
+    mlflow.log_artifact(str(path), artifact_path="reports")
+print(run.info.run_id)
+"""
 
 
 @pytest.mark.e2e
@@ -33,6 +45,16 @@ def test_stack_comes_up_with_keys_from_dot_env_and_goes_down(tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{base + 15}/health", timeout=5) as r:
             assert r.status == 200
         assert f"endpointurl = http://127.0.0.1:{base + 6}" in (repo / ".dvc" / "config.local").read_text()
+
+        # a run's artifacts go through the server into the bucket: the client has no S3 keys at all
+        client_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+        logged = subprocess.run([sys.executable, "-c", LOG_A_RUN, f"http://127.0.0.1:{base + 15}"],
+                                env=client_env, capture_output=True, text=True)
+        assert logged.returncode == 0, logged.stderr
+        run_id = logged.stdout.split()[-1]
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow", Prefix="artifacts/")["Contents"]]
+        assert any(k.endswith(f"{run_id}/artifacts/reports/confusion.txt") for k in keys), keys
+        assert not (repo / ".stack" / "mlflow-artifacts").exists()  # nothing on local disk
     finally:
         down = subprocess.run([*script, "down"], cwd=repo, capture_output=True, text=True)
     assert down.returncode == 0 and "seaweedfs stopped" in down.stdout

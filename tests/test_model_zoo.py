@@ -12,12 +12,10 @@ import pytest
 import torch
 
 from components import model_zoo
-from components.config import PretrainedConfig, RegisterConfig, ValidateConfig
 from components.fetch_pretrained import FetchError, fetch
 from components.register import register
-from components.tracking import log_pipeline_run
-from components.validate import validate
-from conftest import save_checkpoint
+from components import validate as validate_step
+from helpers import pretrained_cfg, register_cfg, save_checkpoint, tracking_cfg, validate_cfg
 
 
 @pytest.fixture(autouse=True)
@@ -68,9 +66,9 @@ def test_https_needs_a_pin_and_is_fetched_once(https_zoo, tmp_path, private_cach
     sha = hashlib.sha256((https_zoo["root"] / "net.pt").read_bytes()).hexdigest()
     uri = f"{https_zoo['url']}/net.pt"
     with pytest.raises(FetchError, match=r"pretrained.sha256: required for https://"):
-        fetch(PretrainedConfig(uri=uri, arch="resnet18"), tmp_path / "o0")
-    info = fetch(PretrainedConfig(uri=uri, arch="resnet18", sha256=sha), tmp_path / "o1")
-    fetch(PretrainedConfig(uri=uri, arch="resnet18", sha256=sha), tmp_path / "o2")
+        fetch(pretrained_cfg(uri=uri, arch="resnet18"), tmp_path / "o0")
+    info = fetch(pretrained_cfg(uri=uri, arch="resnet18", sha256=sha), tmp_path / "o1")
+    fetch(pretrained_cfg(uri=uri, arch="resnet18", sha256=sha), tmp_path / "o2")
     assert info["sha256"] == sha and info["class_names"] == ["a", "b"]
     assert https_zoo["requests"] == ["/net.pt"]  # the second run came from the cache
     assert _cache_files(private_cache) == [sha]
@@ -80,9 +78,9 @@ def test_https_pin_mismatch_and_size_limit_leave_nothing_in_the_cache(https_zoo,
     save_checkpoint(https_zoo["root"] / "net.pt", "resnet18", ["a", "b"])
     uri = f"{https_zoo['url']}/net.pt"
     with pytest.raises(FetchError, match=r"pretrained.sha256 mismatch for https://.*downloaded file has"):
-        fetch(PretrainedConfig(uri=uri, arch="resnet18", sha256="f" * 64), tmp_path / "o1")
+        fetch(pretrained_cfg(uri=uri, arch="resnet18", sha256="f" * 64), tmp_path / "o1")
     with pytest.raises(FetchError, match=r"larger than pretrained.max_size_mb \(1 MiB\)"):
-        fetch(PretrainedConfig(uri=uri, arch="resnet18", sha256="f" * 64, max_size_mb=1), tmp_path / "o2")
+        fetch(pretrained_cfg(uri=uri, arch="resnet18", sha256="f" * 64, max_size_mb=1), tmp_path / "o2")
     assert _cache_files(private_cache) == []
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
@@ -91,7 +89,7 @@ def test_s3_object_is_fetched_with_keys_from_the_environment_and_cached_by_etag(
                                                                                   private_cache):
     save_checkpoint(tmp_path / "net.pt", "resnet18", ["cat", "dog", "fox"])
     s3_env["client"].upload_file(str(tmp_path / "net.pt"), "zoo", "team/resnet18-animals.pt")
-    cfg = PretrainedConfig(uri="s3://zoo/team/resnet18-animals.pt", arch="resnet18")
+    cfg = pretrained_cfg(uri="s3://zoo/team/resnet18-animals.pt", arch="resnet18")
     info = fetch(cfg, tmp_path / "o1")
     assert info["sha256"] == hashlib.sha256((tmp_path / "net.pt").read_bytes()).hexdigest()
     assert info["class_names"] == ["cat", "dog", "fox"]
@@ -109,23 +107,22 @@ def test_s3_with_wrong_keys_is_a_clear_error(s3_env, tmp_path, monkeypatch):
     s3_env["client"].put_object(Bucket="zoo", Key="x.pt", Body=b"weights")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(FetchError, match=r"s3://zoo/x.pt: (403|SignatureDoesNotMatch|AccessDenied)"):
-        fetch(PretrainedConfig(uri="s3://zoo/x.pt", arch="resnet18"), tmp_path / "o")
+        fetch(pretrained_cfg(uri="s3://zoo/x.pt", arch="resnet18"), tmp_path / "o")
 
 
 def test_missing_s3_object_names_the_uri(s3_env, tmp_path):
     with pytest.raises(FetchError, match=r"pretrained.uri: s3://zoo/nope.pt: (404|NoSuchKey)"):
-        fetch(PretrainedConfig(uri="s3://zoo/nope.pt", arch="resnet18"), tmp_path / "o")
+        fetch(pretrained_cfg(uri="s3://zoo/nope.pt", arch="resnet18"), tmp_path / "o")
 
 
 def test_registry_champion_is_a_pretrained_source(trained, mlflow_server, monkeypatch, tmp_path):
     """A team fine-tunes from its own previous champion: models:/<name>@champion."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    validate(trained / "data", trained / "model", trained / "val", ValidateConfig())
-    log_pipeline_run(trained / "data", trained / "aug", trained / "pre", trained / "model", trained / "val",
-                     "zoo-tests", runner="test")
-    version = register(trained / "val", trained / "reg.json", RegisterConfig(model_name="shapes-zoo"))["version"]
+    validate_step.run(trained / "data", trained / "aug", trained / "pre", trained / "model", trained / "val",
+                      validate_cfg(), register_cfg(model_name="shapes-zoo"), tracking_cfg("zoo-tests"), "test", "t")
+    version = register(trained / "val", trained / "reg.json", register_cfg(model_name="shapes-zoo"))["version"]
 
-    info = fetch(PretrainedConfig(uri="models:/shapes-zoo@champion", arch="resnet18"), tmp_path / "o")
+    info = fetch(pretrained_cfg(uri="models:/shapes-zoo@champion", arch="resnet18"), tmp_path / "o")
     assert info["resolved_uri"] == f"models:/shapes-zoo/{version}"
     assert info["class_names"] == ["circle", "square", "triangle"] and info["num_classes"] == 3
     fetched = torch.load(tmp_path / "o" / "weights.pt", weights_only=True)["state_dict"]
@@ -134,4 +131,4 @@ def test_registry_champion_is_a_pretrained_source(trained, mlflow_server, monkey
 
     mlflow.set_tracking_uri(mlflow_server)
     with pytest.raises(FetchError, match=r"no registered model 'shapes-zoo' with alias 'gold'"):
-        fetch(PretrainedConfig(uri="models:/shapes-zoo@gold", arch="resnet18"), tmp_path / "o2")
+        fetch(pretrained_cfg(uri="models:/shapes-zoo@gold", arch="resnet18"), tmp_path / "o2")

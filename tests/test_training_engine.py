@@ -8,18 +8,19 @@ import subprocess
 import sys
 import time
 
+import mlflow
 import pytest
 import torch
 import yaml
 
 from components import models
 from components.augment import augment
-from components.config import AugmentConfig, DataConfig, FinetuneConfig, PretrainedConfig, UnfreezeStep
+from components.config import UnfreezeStep
 from components.data import prepare
 from components.demo_zoo import export_digits
 from components.fetch_pretrained import fetch
 from components.finetune import Trainer, finetune, lr_factor
-from conftest import ROOT, save_checkpoint
+from helpers import ROOT, data_cfg, finetune_cfg, policy_cfg, pretrained_cfg, save_checkpoint
 
 
 @pytest.mark.parametrize("arch, until, first_trainable, frozen_example", [
@@ -31,7 +32,7 @@ from conftest import ROOT, save_checkpoint
 ])
 def test_freeze_until_freezes_everything_before_the_named_module(arch, until, first_trainable, frozen_example):
     model = models.build(arch, 4)
-    Trainer(model, FinetuneConfig(freeze_until=until))
+    Trainer(model, finetune_cfg(freeze_until=until))
     params = dict(model.named_parameters())
     assert not params[frozen_example].requires_grad
     assert params[first_trainable].requires_grad
@@ -42,19 +43,19 @@ def test_freeze_until_freezes_everything_before_the_named_module(arch, until, fi
 
 def test_freeze_until_an_unknown_module_lists_the_choices():
     with pytest.raises(models.WeightsError, match=r"finetune.freeze_until: no module 'layer9'; .*layer3"):
-        Trainer(models.build("resnet18", 3), FinetuneConfig(freeze_until="layer9"))
+        Trainer(models.build("resnet18", 3), finetune_cfg(freeze_until="layer9"))
 
 
 def test_warmup_then_cosine_and_step_schedules():
-    cosine = FinetuneConfig(schedule="cosine", warmup_epochs=2, max_epochs=6)
+    cosine = finetune_cfg(schedule="cosine", warmup_epochs=2, max_epochs=6)
     assert [round(lr_factor(e, cosine), 4) for e in range(1, 7)] == [0.3333, 0.6667, 1.0, 0.8536, 0.5, 0.1464]
-    step = FinetuneConfig(schedule="step", step_size=2, gamma=0.5, max_epochs=6)
+    step = finetune_cfg(schedule="step", step_size=2, gamma=0.5, max_epochs=6)
     assert [lr_factor(e, step) for e in range(1, 7)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
 
 
 def test_discriminative_learning_rates_make_their_own_groups():
     model = models.build("resnet18", 3)
-    trainer = Trainer(model, FinetuneConfig(freeze_until="layer3", lr=0.01,
+    trainer = Trainer(model, finetune_cfg(freeze_until="layer3", lr=0.01,
                                             lr_groups=[{"modules": ["layer3"], "lr": 0.001}]))
     base, layer3 = trainer.optimizer.param_groups
     assert (base["base_lr"], layer3["base_lr"]) == (0.01, 0.001)
@@ -63,7 +64,7 @@ def test_discriminative_learning_rates_make_their_own_groups():
 
 
 def test_gradual_unfreezing_wakes_modules_at_their_epoch_with_their_rate(artifacts):
-    cfg = FinetuneConfig(freeze_until="layer3", unfreeze=[UnfreezeStep(epoch=2, modules=["layer2"], lr=0.002)],
+    cfg = finetune_cfg(freeze_until="layer3", unfreeze=[UnfreezeStep(epoch=2, modules=["layer2"], lr=0.002)],
                          max_epochs=2, patience=2, batch_size=16)
     before = torch.load(artifacts / "pre" / "weights.pt", weights_only=True)["state_dict"]
     finetune(artifacts / "data", artifacts / "aug", artifacts / "pre", artifacts / "one", cfg.model_copy(
@@ -83,10 +84,10 @@ def test_gradual_unfreezing_wakes_modules_at_their_epoch_with_their_rate(artifac
 def digits_inputs(tmp_path_factory):
     t = tmp_path_factory.mktemp("resume")
     export_digits([5, 6, 7, 8, 9], t / "raw")
-    prepare(t / "raw", t / "data", DataConfig(source=str(t / "raw"), workers=1))
-    augment(t / "data", t / "aug", AugmentConfig(image_size=32, resize_scale=(0.8, 1.0), hflip=0, rotation=10,
+    prepare(t / "raw", t / "data", data_cfg(source=str(t / "raw"), workers=1))
+    augment(t / "data", t / "aug", policy_cfg(image_size=32, resize_scale=(0.8, 1.0), hflip=0, rotation=10,
                                                  preview_images=2))
-    fetch(PretrainedConfig(uri=str(save_checkpoint(t / "zoo.pt", "resnet18", list("abcde"))), arch="resnet18"),
+    fetch(pretrained_cfg(uri=str(save_checkpoint(t / "zoo.pt", "resnet18", list("abcde"))), arch="resnet18"),
           t / "pre")
     return t
 
@@ -96,9 +97,10 @@ def _finetune_process(t, name: str, checkpoint_dir) -> subprocess.Popen:
     raw["finetune"].update(max_epochs=5, patience=5, freeze_until="layer2", checkpoint_dir=str(checkpoint_dir),
                            unfreeze=[{"epoch": 3, "modules": ["layer1"], "lr": 0.003}], schedule="cosine",
                            warmup_epochs=1)
+    raw["tracking"]["system_metrics"] = False
     (t / f"{name}.yaml").write_text(yaml.safe_dump(raw))
     return subprocess.Popen([sys.executable, "-m", "components.finetune", "--params", str(t / f"{name}.yaml"),
-                             "--data", str(t / "data"), "--augment", str(t / "aug"), "--pretrained", str(t / "pre"),
+                             "--dataset", str(t / "data"), "--policy", str(t / "aug"), "--weights", str(t / "pre"),
                              "--out", str(t / name)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
@@ -129,9 +131,21 @@ def test_run_killed_in_epoch_3_resumes_after_epoch_2_and_ends_with_identical_wei
     b = torch.load(t / "resumed" / "model.pt", weights_only=True)
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    assert json.loads((t / "straight" / "history.json").read_text()) == \
-        json.loads((t / "resumed" / "history.json").read_text())
+    untimed = [[{k: v for k, v in row.items() if k != "time"} for row in json.loads((t / name / "history.json")
+                                                                                  .read_text())]
+               for name in ("straight", "resumed")]
+    assert untimed[0] == untimed[1]
     assert not marker.exists()  # a finished run leaves no checkpoint to resume by mistake
+
+    # one MLflow run across the kill: epochs 1-2 before it, 3-5 after, FINISHED at the end
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    run_id = json.loads((t / "resumed" / "run.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["last_finished_epoch"] == "5"
+    steps = [m.step for m in client.get_metric_history(run_id, "val_loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5]
+    experiment = run.info.experiment_id
+    assert len(client.search_runs([experiment])) == 2  # straight and resumed, nothing for the killed attempt
 
 
 def test_reinit_resets_only_the_named_modules_with_the_architectures_own_init():

@@ -7,12 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.config import FinetuneConfig, RegisterConfig, ValidateConfig
+from components.config import ValidateConfig
 from components.finetune import finetune
 from components.images import load_rgb
 from components.register import register
-from components.tracking import log_pipeline_run
-from components.validate import compute_metrics, decide, validate
+from components import validate as validate_step
+from components.validate import compute_metrics, decide
+from helpers import finetune_cfg, register_cfg, tracking_cfg, validate_cfg
 
 
 def test_metrics_match_hand_computed_values():
@@ -26,10 +27,10 @@ def test_metrics_match_hand_computed_values():
 
 def test_gate_fails_naming_every_threshold_missed():
     metrics = {"accuracy": 0.8, "macro_f1": 0.82, "min_class_recall": 0.5}
-    gate = decide(metrics, ValidateConfig(min_accuracy=0.9, min_macro_f1=0.8, min_class_recall=0.6))
+    gate = decide(metrics, validate_cfg(min_accuracy=0.9, min_macro_f1=0.8, min_class_recall=0.6))
     assert not gate["passed"]
     assert gate["reasons"] == ["accuracy 0.8000 < 0.9", "min_class_recall 0.5000 < 0.6"]
-    assert decide(metrics, ValidateConfig(min_accuracy=0.8))["passed"]
+    assert decide(metrics, validate_cfg(min_accuracy=0.8))["passed"]
 
 
 @pytest.fixture
@@ -39,20 +40,18 @@ def tracked(trained, mlflow_server, monkeypatch):
     return trained
 
 
-def _validate_and_log(tracked, cfg: ValidateConfig, experiment: str):
-    gate = validate(tracked / "data", tracked / "model", tracked / "val", cfg)
-    run = log_pipeline_run(tracked / "data", tracked / "aug", tracked / "pre", tracked / "model", tracked / "val",
-                           experiment, runner="test", pipeline_run_id="run-42")
-    return gate, run
+def _validate_and_log(tracked, cfg: ValidateConfig, experiment: str, model_name: str = "no-champion-yet"):
+    return validate_step.run(tracked / "data", tracked / "aug", tracked / "pre", tracked / "model", tracked / "val",
+                             cfg, register_cfg(model_name), tracking_cfg(experiment), "test", "run-42")
 
 
 def test_passing_model_is_registered_with_alias_and_lineage_and_a_retry_adds_no_version(tracked):
-    gate, run = _validate_and_log(tracked, ValidateConfig(), "test-register-pass")
+    gate, run = _validate_and_log(tracked, validate_cfg(), "test-register-pass")
     assert gate["passed"]
     for name in ("metrics.json", "gate.json", "predictions.csv", "confusion_matrix.png", "run.json"):
         assert (tracked / "val" / name).exists(), name
 
-    cfg = RegisterConfig(model_name="shapes-pass", alias="champion")
+    cfg = register_cfg(model_name="shapes-pass", alias="champion")
     first = register(tracked / "val", tracked / "registration.json", cfg)
     again = register(tracked / "val", tracked / "registration.json", cfg)
     assert first["registered"] and first["version"] == 1
@@ -81,8 +80,8 @@ def test_passing_model_is_registered_with_alias_and_lineage_and_a_retry_adds_no_
 
 
 def test_champion_loads_as_pyfunc_and_predicts_class_names_for_a_folder_of_image_files(tracked):
-    _validate_and_log(tracked, ValidateConfig(), "test-register-pyfunc")
-    register(tracked / "val", tracked / "registration.json", RegisterConfig(model_name="shapes-pyfunc"))
+    _validate_and_log(tracked, validate_cfg(), "test-register-pyfunc")
+    register(tracked / "val", tracked / "registration.json", register_cfg(model_name="shapes-pyfunc"))
     model = mlflow.pyfunc.load_model("models:/shapes-pyfunc@champion")
     evaluated = pd.read_csv(tracked / "val" / "predictions.csv")  # what validate measured
     files = [tracked / "data" / p for p in evaluated["path"]]
@@ -100,10 +99,10 @@ def test_failed_gate_registers_nothing_and_records_why(artifacts, mlflow_server,
     mlflow.set_tracking_uri(mlflow_server)
     # An untrained new head (learning rate ~0): about one image in three right, far below the gate.
     finetune(artifacts / "data", artifacts / "aug", artifacts / "pre", artifacts / "model",
-             FinetuneConfig(lr=1e-12, max_epochs=1, batch_size=16))
-    gate, run = _validate_and_log(artifacts, ValidateConfig(min_accuracy=0.9), "test-register-fail")
+             finetune_cfg(lr=1e-12, max_epochs=1, batch_size=16))
+    gate, run = _validate_and_log(artifacts, validate_cfg(min_accuracy=0.9), "test-register-fail")
     assert not gate["passed"]
-    result = register(artifacts / "val", artifacts / "registration.json", RegisterConfig(model_name="shapes-fail"))
+    result = register(artifacts / "val", artifacts / "registration.json", register_cfg(model_name="shapes-fail"))
     assert not result["registered"] and result["reason"].startswith("validation gate failed: accuracy ")
     client = mlflow.MlflowClient()
     assert client.search_model_versions("name = 'shapes-fail'") == []

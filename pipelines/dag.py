@@ -1,0 +1,96 @@
+"""The pipeline, declared once: its steps, the artifacts between them, what each reads.
+
+    python -m pipelines generate     # writes dvc.yaml and pipelines/finetune_pipeline.yaml from this
+
+dvc.yaml (pipelines/dvc_yaml.py) and the Kubeflow DAG (pipelines/finetune_pipeline.py) are both
+derived from STEPS; tests fail when either generated file is stale. A step's command line for DVC
+is `python -m components.<module> [args] --<input> PATH ... --out PATH`; its Kubeflow component is
+`<name>_op` in finetune_pipeline.py, wired by name: artifacts by the names below, pipeline
+parameters by params.yaml section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Artifacts by name: where DVC keeps them in the workspace. `cached: False` for outputs that name
+# an MLflow run or registry version, which restoring them from DVC's cache would not bring back.
+ARTIFACTS = {
+    "dataset": "data/prepared",
+    "policy": "artifacts/augment",
+    "weights": "artifacts/pretrained",
+    "model": "artifacts/model",
+    "tracking_target": "artifacts/tracking.json",
+    "reports": "artifacts/validate",
+    "registration": "artifacts/registration.json",
+}
+UNCACHED = {"tracking_target", "reports", "registration"}
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str                           # DVC stage and Kubeflow task name
+    module: str                         # components.<module>
+    inputs: tuple[str, ...] = ()        # artifacts passed to it, by name
+    output: str = ""                    # the artifact it writes
+    params: tuple[str, ...] = ()        # params.yaml keys whose change reruns it under DVC
+    args: str = ""                      # fixed words after the module (a subcommand)
+    after: tuple[str, ...] = ()         # DVC: artifacts it depends on without taking them as arguments
+    path_params: tuple[str, ...] = ()   # DVC: parameters naming what it reads: a dependency when a local
+                                        #   path, else (s3://, a git repository) the stage always runs
+    always_changed: bool = False        # DVC: runs every time (it resolves something outside the workspace)
+    runners: tuple[str, ...] = ("dvc", "kubeflow")
+    cache: bool = True                  # Kubeflow: may a run reuse an earlier run's result
+    when: str = ""                      # Kubeflow: runs only when this step's boolean output is true
+    credentials: bool = False           # Kubeflow: MLflow address and MLflow/S3 credentials as env
+    sized: bool = False                 # Kubeflow: CPU, memory and GPU from params.yaml `pipeline`
+    demo: bool = False                  # DEMO ONLY: generated only while params.yaml has `demo`
+    outs: tuple[str, ...] = ()          # DVC: what a demo stage writes (it has no artifact of the six)
+
+
+STEPS = (
+    # ---- DEMO ONLY: the default's data and source checkpoint, made offline from scikit-learn's digits.
+    Step("demo_digits", "demo_zoo", args="export --source-out data/raw/digits-0-4 --target-out data/raw/digits-5-9",
+         params=("demo.source_classes", "demo.target_classes"), runners=("dvc",), demo=True,
+         outs=("data/raw/digits-0-4", "data/raw/digits-5-9")),
+    Step("demo_zoo", "demo_zoo", args="publish --source data/raw/digits-0-4 --out zoo/resnet18-digits-0-4.pt",
+         params=("demo",), runners=("dvc",), demo=True, outs=("zoo/resnet18-digits-0-4.pt",)),
+    # ---- the six steps
+    Step("data", "data", output="dataset", params=("data",), path_params=("data.source",), credentials=True),
+    Step("augment", "augment", inputs=("dataset",), output="policy", params=("augment",)),
+    Step("fetch_pretrained", "fetch_pretrained", output="weights", params=("pretrained",),
+         path_params=("pretrained.uri",), credentials=True),
+    Step("finetune", "finetune", inputs=("dataset", "policy", "weights"), output="model", params=("finetune",),
+         credentials=True, sized=True),
+    Step("tracking", "tracking", args="target", output="tracking_target", params=("tracking",),
+         always_changed=True, runners=("dvc",)),
+    Step("validate", "validate", inputs=("dataset", "policy", "weights", "model"), output="reports",
+         params=("validate", "register.model_name", "register.alias"), after=("tracking_target",),
+         cache=False, credentials=True),
+    Step("register", "register", inputs=("reports",), output="registration", params=("register",),
+         cache=False, when="validate", credentials=True),
+)
+
+# DVC metrics and plots (`dvc metrics show`, `dvc plots show`), from the artifacts above.
+METRICS = ("artifacts/validate/metrics.json",)
+PLOTS = (
+    {"loss": {"template": "linear", "x": "epoch", "y": {"artifacts/model/history.json": ["train_loss", "val_loss"]}}},
+    {"accuracy": {"template": "linear", "x": "epoch",
+                  "y": {"artifacts/model/history.json": ["train_accuracy", "val_accuracy"]}}},
+    {"confusion": {"template": "confusion", "x": "actual", "y": {"artifacts/validate/predictions.csv": "predicted"}}},
+    {"calibration": {"template": "simple", "x": "confidence", "y": {"artifacts/validate/calibration.csv": "accuracy"}}},
+    "artifacts/validate/confusion_matrix.png",
+    "artifacts/validate/reliability.png",
+    "artifacts/validate/misclassified.png",
+    "artifacts/augment/preview.png",
+    "artifacts/model/training_curves.png",
+)
+
+
+def steps_for(runner: str, demo: bool) -> list[Step]:
+    return [s for s in STEPS if runner in s.runners and (demo or not s.demo)]
+
+
+def producers() -> dict[str, Step]:
+    """The step that writes each artifact."""
+    return {s.output: s for s in STEPS if s.output}

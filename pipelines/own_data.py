@@ -1,0 +1,111 @@
+"""From the demo to your own project in one command: your images, your pretrained weights.
+
+    make init DATA=path/to/images WEIGHTS='torchvision://resnet50?weights=IMAGENET1K_V2' NAME=flowers
+    (python -m pipelines init --data ... --weights ... [--arch ...] [--name ...])
+
+Edits params.yaml in place (its comments stay): data.source, a recipe for photographs at 224
+pixels (augmentation with flips and colour jitter, the lower layers frozen, nothing re-initialised),
+the pretrained URI and architecture, the model name and the experiment; drops the `demo` section.
+Then regenerates dvc.yaml (without the demo stages) and the compiled Kubeflow pipeline.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedSeq
+
+from components import models
+from components.config import ConfigError, load_params
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Fine-tuning ImageNet-pretrained networks on photographs: the usual recipe, at the usual size.
+PHOTO_RECIPE = {
+    "augment": {"image_size": 224, "resize_scale": [0.25, 1.0], "resize_ratio": [0.75, 1.3333], "hflip": 0.5,
+                "rotation": 0.0, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02,
+                "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    "finetune": {"freeze": [], "reinit": [], "unfreeze": [], "lr_groups": [], "optimizer": "sgd", "lr": 0.01,
+                 "schedule": "cosine", "warmup_epochs": 1, "batch_size": 32, "max_epochs": 15, "patience": 4,
+                 "min_delta": 0.001},
+    "validate": {"min_accuracy": 0.7, "min_macro_f1": 0.7, "min_class_recall": 0.5},
+}
+
+
+# Comments of the demo's params.yaml that would mislead once the recipe is for photographs.
+NEW_COMMENTS = {
+    ("augment", "hflip"): "# probability; photographs are mostly mirror-symmetric",
+    ("finetune", "reinit"): "# modules to start afresh; none: ImageNet features transfer",
+}
+DEMO_COMMENT = re.compile(r"^# Demo only:[^\n]*\n(?:#[^\n]*\n)*", re.MULTILINE)
+
+
+def _flow(values: list) -> CommentedSeq:
+    seq = CommentedSeq(values)
+    seq.fa.set_flow_style()  # [a, b] on one line, as params.yaml writes lists
+    return seq
+
+
+def arch_of(weights: str, arch: str | None) -> str:
+    """The architecture: given, or read from a torchvision://<arch>?weights=... URI."""
+    if arch:
+        return arch
+    if weights.startswith("torchvision://"):
+        return urlparse(weights).netloc
+    raise ConfigError(f"--arch: needed for {weights} (only torchvision:// URIs name their architecture)")
+
+
+def freeze_point(arch: str) -> str:
+    """Freeze the first two thirds of the backbone's stages: resnet -> layer4, networks with a
+    `features` sequence (mobilenet, efficientnet, convnext) -> features.<2/3 of its length>."""
+    net = models.build(arch, 2)
+    if hasattr(net, "layer4"):
+        return "layer4"
+    features = getattr(net, "features", None)
+    if features is not None and len(features) > 2:
+        return f"features.{len(features) * 2 // 3}"
+    return ""  # unknown layout: train everything
+
+
+def init(data: str, weights: str, arch: str | None = None, name: str | None = None, sha256: str = "",
+         params_file: Path = ROOT / "params.yaml") -> dict:
+    """Point params.yaml at your data and weights with the photo recipe; returns what was set."""
+    arch = arch_of(weights, arch)
+    name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", Path(data.rstrip("/")).name or "images")
+    name = f"{name}-{arch}" if not name.endswith(arch) else name
+    yaml = YAML()  # round-trip: keeps the comments that document every key
+    yaml.width, yaml.preserve_quotes = 4096, True
+    raw = yaml.load(params_file.read_text())
+    changes = {
+        "data": {"source": data, "repo": "", "rev": "", "classes": []},
+        "pretrained": {"uri": weights, "arch": arch, "sha256": sha256},
+        "finetune": {**PHOTO_RECIPE["finetune"], "freeze_until": freeze_point(arch)},
+        "augment": PHOTO_RECIPE["augment"],
+        "validate": PHOTO_RECIPE["validate"],
+        "register": {"model_name": name},
+        "tracking": {"experiment": name},
+    }
+    for section, values in changes.items():
+        for key, value in values.items():
+            if raw[section].get(key) != value:
+                raw[section][key] = _flow(value) if isinstance(value, list) else value
+    for (section, key), comment in NEW_COMMENTS.items():
+        raw[section].yaml_add_eol_comment(comment, key, column=36)
+    raw.pop("demo", None)
+    text = io.StringIO()
+    yaml.dump(raw, text)
+    tmp = params_file.with_suffix(".yaml.tmp")
+    tmp.write_text(DEMO_COMMENT.sub("", text.getvalue()))
+    try:
+        load_params(tmp)  # never leave an invalid params.yaml behind
+    except ConfigError:
+        tmp.unlink()
+        raise
+    tmp.replace(params_file)
+    return {"data.source": data, "pretrained.uri": weights, "pretrained.arch": arch,
+            "finetune.freeze_until": changes["finetune"]["freeze_until"], "register.model_name": name,
+            "tracking.experiment": name}
