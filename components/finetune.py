@@ -320,7 +320,7 @@ def run(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig, trac
             write_json(Path(cfg.checkpoint_dir) / RUN_MARKER, {"run_key": key, "run_id": live.run_id})
         summary = finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg, on_epoch=live.log_epoch,
                            run_record=tracking.run_record(live))
-        tracking.finish_training(out)
+        tracking.log_training_outputs(out)
     return {**summary, "run_id": live.run_id}
 
 

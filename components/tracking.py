@@ -204,7 +204,9 @@ def _log_training_inputs(dataset_dir, augment_dir, pretrained_dir, params: dict[
 EPOCH_FIELDS = ("epoch", "time")  # history.json columns that are not metrics
 
 
-def _log_training_outputs(model_dir: Path) -> None:
+def log_training_outputs(model_dir) -> None:
+    """Into the active run: the fine-tune's summary metrics and files."""
+    model_dir = Path(model_dir)
     summary = read_json(model_dir / "summary.json")
     mlflow.log_metrics({"best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
                         "trainable_parameters": summary["parameters"]["trainable"],
@@ -220,13 +222,11 @@ class TrainingRun:
 
     def __init__(self, run_id: str, name: str):
         self.run_id, self.name = run_id, name
-        self.last_epoch: int | None = None
 
     def log_epoch(self, row: dict) -> None:
         metrics = {k: float(v) for k, v in row.items() if k not in EPOCH_FIELDS}
         mlflow.log_metrics(metrics, step=row["epoch"], timestamp=int(row["time"] * 1000))
         mlflow.set_tag("last_finished_epoch", str(row["epoch"]))
-        self.last_epoch = row["epoch"]
 
 
 @contextlib.contextmanager
@@ -277,21 +277,20 @@ def training_run(dataset_dir, augment_dir, pretrained_dir, finetune_config: dict
         live = TrainingRun(active.info.run_id, active.info.run_name)
         if not resumable:
             _log_training_inputs(dataset_dir, augment_dir, pretrained_dir, params)
+        elif "error" in active.data.tags:  # the interrupted attempt's error is history now
+            mlflow_client.delete_tag(live.run_id, "error")
         try:
             yield live
         except BaseException as err:
             mlflow.set_tag("error", _one_line(err))
+            if isinstance(err, KeyboardInterrupt):  # MLflow would call it FAILED
+                mlflow.end_run("KILLED")
             raise
 
 
 def run_record(live: TrainingRun) -> dict:
     """What the model folder says about its run (RUN_RECORD)."""
     return {"run_id": live.run_id, "run_name": live.name, "tracking_uri": redact(tracking_uri())}
-
-
-def finish_training(model_dir) -> None:
-    """Into the active run: the fine-tune's summary metrics and files."""
-    _log_training_outputs(Path(model_dir))
 
 
 # ---- validation ---------------------------------------------------------------------------
@@ -327,7 +326,7 @@ def _replay_training(mlflow_client, exp: str, dataset_dir, augment_dir, pretrain
                                              for row in history for k, v in row.items() if k not in EPOCH_FIELDS])
     with mlflow.start_run(run_id=run_id):
         _log_training_inputs(dataset_dir, augment_dir, pretrained_dir, params)
-        _log_training_outputs(model_dir)
+        log_training_outputs(model_dir)
     return run_id
 
 

@@ -36,6 +36,8 @@ def data_report_markdown(report: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(str(report["counts"][s][label]) for s in splits) + " |")
     if report["duplicates"]:
         lines += ["", f"{len(report['duplicates'])} groups of identical files (kept in the same split)."]
+    if report.get("warnings"):
+        lines += ["", "**Warnings**", "", *(f"- {w}" for w in report["warnings"])]
     return "\n".join(lines) + "\n"
 
 

@@ -71,6 +71,8 @@ def test_small_splits_are_warned_about_in_the_report(tmp_path):
     report = prepare(src, tmp_path / "out", _cfg(src, val_fraction=0.15, test_fraction=0.15))
     assert any(w.startswith("test split: fewer than 10 images for class(es) a 5, b 5") for w in report["warnings"])
     assert any(w.startswith("test split: 10 images: one image is 10.0% of accuracy") for w in report["warnings"])
+    from pipelines.views import data_report_markdown  # and the Kubeflow UI shows them
+    assert "**Warnings**" in data_report_markdown(report) and "fewer than 10 images" in data_report_markdown(report)
     big = make_imagefolder(tmp_path / "big", {"a": 200, "b": 200}, size=24)
     assert prepare(big, tmp_path / "big-out", _cfg(big, val_fraction=0.15, test_fraction=0.15))["warnings"] == []
 

@@ -88,10 +88,31 @@ def test_fresh_clone_make_run_leaves_a_finished_run_and_a_champion_and_a_second_
     assert run.info.run_name in out and f"{MODEL} version 1 @champion" in out
     assert all((shots / name).stat().st_size > 20_000 for name in ("runs.png", "run.png", "model.png"))
 
-    # `dvc plots show` renders offline: no script from a CDN, the Vega libraries inlined
+    # `dvc plots show` renders offline: no script from a CDN, the Vega libraries inlined, every plot drawn
     _run(["dvc", "plots", "show"], clone)
     page = (clone / "dvc_plots" / "index.html").read_text()
-    assert not re.search(r"<script[^>]+src=", page) and "vegaEmbed(" in page and "Vega-Lite" in page
+    assert not re.search(r"<script[^>]+src=", page) and "vegaEmbed(" in page
+    assert _plots_drawn_offline(clone / "dvc_plots" / "index.html") == 4  # loss, accuracy, confusion, calibration
+
+
+def _plots_drawn_offline(html: Path) -> int:
+    """Vega plots drawn by headless Chromium with every request off the local file refused."""
+    from mlflow_screenshot import CHROMIUM, CHROMIUM_ARGS  # infra/, on sys.path from conftest
+    from playwright.sync_api import sync_playwright
+
+    asked = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(("file:", "data:"))
+                   else (asked.append(route.request.url), route.abort()))
+        page.goto(html.as_uri())
+        page.wait_for_function("document.querySelectorAll('.vega-embed canvas').length >= 4",
+                               timeout=30_000)
+        drawn = page.evaluate("document.querySelectorAll('.vega-embed canvas').length")
+        browser.close()
+    assert asked == []
+    return drawn
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,145 @@
+"""The MLflow run as the pipeline keeps it: live while it trains, honest about how it ended, and
+recorded in whichever store it is asked for."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import yaml
+
+from components import finetune as finetune_step
+from components import tracking
+from components import validate as validate_step
+from helpers import PLAIN_TRAINING, ROOT, finetune_cfg, register_cfg, tracking_cfg, validate_cfg
+
+EXPERIMENT = "tracking-tests"
+
+
+def _finetune_process(artifacts, **finetune_changes) -> subprocess.Popen:
+    """The finetune step's command line, as DVC runs it, on the `artifacts` fixture's inputs."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["finetune"].update({**PLAIN_TRAINING, "batch_size": 16, **finetune_changes})
+    raw["tracking"].update(experiment=EXPERIMENT, system_metrics=False)
+    (artifacts / "params.yaml").write_text(yaml.safe_dump(raw))
+    return subprocess.Popen([sys.executable, "-m", "components.finetune", "--params", str(artifacts / "params.yaml"),
+                             "--dataset", str(artifacts / "data"), "--policy", str(artifacts / "aug"),
+                             "--weights", str(artifacts / "pre"), "--out", str(artifacts / "model")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_epochs(client, process, epochs: int, timeout: float = 180):
+    """The run, once it shows `epochs` logged epochs, while the process still trains."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "val_loss")) >= epochs:
+            return client.get_run(runs[0].info.run_id)
+        time.sleep(0.2)
+    raise AssertionError(f"no run with {epochs} epochs logged after {timeout} s")
+
+
+def test_epochs_are_visible_while_training_and_sigterm_ends_the_run_killed(artifacts):
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    process = _finetune_process(artifacts, max_epochs=500, patience=500)
+    live = _wait_for_epochs(client, process, 2)
+    assert live.info.status == "RUNNING" and live.data.params["finetune.max_epochs"] == "500"
+    assert live.data.tags["data_fingerprint"] and live.data.tags["pipeline_runner"] == "cli"
+
+    process.send_signal(signal.SIGTERM)  # as Kubeflow stops a pod
+    process.communicate(timeout=60)
+    assert process.returncode != 0
+    run = client.get_run(live.info.run_id)
+    logged = client.get_metric_history(run.info.run_id, "val_loss")
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "KeyboardInterrupt: stopped by signal 15"
+    assert run.data.tags["last_finished_epoch"] == str(max(m.step for m in logged)) and len(logged) >= 2
+    assert not (artifacts / "model").exists()  # nothing half-written stands as the model
+
+
+def test_a_failing_fine_tune_ends_its_run_failed_with_the_error_and_the_last_finished_epoch(artifacts):
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    process = _finetune_process(artifacts, max_epochs=500, patience=500)
+    live = _wait_for_epochs(client, process, 1)
+    manifest = (artifacts / "data" / "manifest.csv").read_text().splitlines()[1:]
+    for row in manifest:  # the validation images vanish (a volume lost mid-run): the next validation fails
+        path, _, split = row.split(",")[:3]
+        if split == "val":
+            (artifacts / "data" / path).unlink()
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode != 0
+    run = client.get_run(live.info.run_id)
+    assert run.info.status == "FAILED", out
+    assert run.data.tags["error"].startswith("FileNotFoundError: ") and "/images/" in run.data.tags["error"]
+    finished = max(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
+    assert run.data.tags["last_finished_epoch"] == str(finished)
+
+
+def test_validation_completes_the_training_run_and_a_new_store_records_it_again_without_training(
+        artifacts, tmp_path, monkeypatch):
+    summary = finetune_step.run(artifacts / "data", artifacts / "aug", artifacts / "pre", artifacts / "model",
+                                finetune_cfg(max_epochs=2, batch_size=16), tracking_cfg(EXPERIMENT), "test", "p-1")
+    _, record = validate_step.run(artifacts / "data", artifacts / "aug", artifacts / "pre", artifacts / "model",
+                                  artifacts / "val", validate_cfg(), register_cfg("tracked"), tracking_cfg(EXPERIMENT),
+                                  "test", "p-2")
+    assert record["run_id"] == summary["run_id"]  # one run: the fine-tune and its validation
+    first = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    trained = first.get_run(summary["run_id"])
+    assert trained.info.status == "FINISHED" and {"test_accuracy", "val_loss"} <= set(trained.data.metrics)
+
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    _, again = validate_step.run(artifacts / "data", artifacts / "aug", artifacts / "pre", artifacts / "model",
+                                 artifacts / "val", validate_cfg(), register_cfg("tracked"),
+                                 tracking_cfg(EXPERIMENT), "test", "p-3")
+    second = mlflow.MlflowClient(other)
+    recorded = second.get_run(again["run_id"])
+    assert recorded.data.tags["trained_in_run"] == trained.info.run_id
+    assert recorded.info.run_name == trained.info.run_name
+    assert [(m.step, m.timestamp, m.value) for m in second.get_metric_history(again["run_id"], "val_loss")] == \
+        [(m.step, m.timestamp, m.value) for m in first.get_metric_history(trained.info.run_id, "val_loss")]
+    assert recorded.data.params == trained.data.params
+    assert json.loads((artifacts / "val" / "run.json").read_text())["run_id"] == again["run_id"]
+    assert (tmp_path / "mlruns").is_dir()  # artifacts beside that SQLite store, not in the working directory
+
+
+def test_the_tracking_target_changes_with_the_store_and_a_wiped_store(tmp_path):
+    """`python -m components.tracking target`, as DVC's tracking stage runs it (a process each time)."""
+    params = tmp_path / "params.yaml"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["tracking"]["experiment"] = EXPERIMENT
+    params.write_text(yaml.safe_dump(raw))
+
+    def target(store: str) -> dict:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / store}"}
+        subprocess.run([sys.executable, "-m", "components.tracking", "target", "--params", str(params), "--out",
+                        str(tmp_path / "target.json")], cwd=ROOT, env=env, check=True, capture_output=True)
+        return json.loads((tmp_path / "target.json").read_text())
+
+    first = target("a.db")
+    assert target("a.db") == first  # nothing changed: DVC reruns nothing after it
+    assert target("b.db")["tracking_uri"] != first["tracking_uri"]
+    (tmp_path / "a.db").unlink()
+    assert target("a.db")["experiment_created"] != first["experiment_created"]  # wiped: record the run again
+
+
+@pytest.mark.parametrize("uri, shown", [("http://user:s3cret@mlflow.example:5000", "http://mlflow.example:5000")])
+def test_the_tracking_target_never_records_credentials(tmp_path, monkeypatch, uri, shown):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(tracking, "client", lambda: _NoServer())
+    assert tracking.target(tracking_cfg(EXPERIMENT))["tracking_uri"] == shown
+
+
+class _NoServer:
+    """No MLflow server runs at that made-up address; the redaction is what this test checks."""
+
+    def get_experiment_by_name(self, name):
+        return type("Experiment", (), {"experiment_id": "7", "tags": {tracking.EXPERIMENT_KIND[0]: "x"}})()
+
+    def get_experiment(self, experiment_id):
+        return type("Experiment", (), {"experiment_id": experiment_id, "creation_time": 1})()
