@@ -45,8 +45,8 @@ generate: setup                ## rewrite dvc.yaml and pipelines/finetune_pipeli
 	python -m pipelines generate
 
 init: setup                    ## your own images: make init DATA=path/or/s3 WEIGHTS=torchvision://resnet50?weights=IMAGENET1K_V2
-	@test -n "$(DATA)" -a -n "$(WEIGHTS)" || { echo "usage: make init DATA=<folder or s3://bucket/prefix> WEIGHTS=<pretrained URI> [ARCH=...] [NAME=...]"; exit 2; }
-	python -m pipelines init --data "$(DATA)" --weights "$(WEIGHTS)" $(if $(ARCH),--arch "$(ARCH)") $(if $(NAME),--name "$(NAME)")
+	@test -n "$(DATA)" -a -n "$(WEIGHTS)" || { echo "usage: make init DATA=<folder or s3://bucket/prefix> WEIGHTS=<pretrained URI> [ARCH=...] [NAME=...] [SHA256=...]"; exit 2; }
+	python -m pipelines init --data "$(DATA)" --weights "$(WEIGHTS)" $(if $(ARCH),--arch "$(ARCH)") $(if $(NAME),--name "$(NAME)") $(if $(SHA256),--sha256 "$(SHA256)")
 
 test: setup
 	python -m pytest
