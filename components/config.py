@@ -159,11 +159,31 @@ class TrackingConfig(Section):
     system_metrics: bool                # CPU, memory, disk, network (and GPU) of the training run
 
 
+CPU = r"^[0-9]+(\.[0-9]+)?m?$"                               # Kubernetes quantities: "2", "500m"
+MEMORY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$"         # "16Gi"
+
+
+class TaskSettings(Section):
+    cpu: str = Field(pattern=CPU)                               # request = limit: Guaranteed QoS
+    memory: str = Field(pattern=MEMORY)
+    timeout_s: int = Field(ge=60)
+    retries: int = Field(ge=0, le=10)
+
+
+class Toleration(Section):
+    key: str
+    operator: Literal["Equal", "Exists"]
+    value: str | None = None                                    # with operator Equal
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
+
+
 class PipelineConfig(Section):
     image: str = Field(min_length=1)
-    finetune_cpu: str = Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")
-    finetune_memory: str = Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    tasks: dict[str, TaskSettings]
+    retry_backoff_s: int = Field(ge=1)
     finetune_gpus: int = Field(ge=0)
+    gpu_node_selector: dict[str, str]
+    gpu_tolerations: list[Toleration]
     mlflow_config_map: str
     mlflow_secret: str
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from components import cpus
 from components.atomic import atomic_dir, write_json
 from components.config import DataConfig, load_params
 from components.data_sources import describe, materialize, redact
@@ -196,7 +197,7 @@ def _prepare(source: Path, out, cfg: DataConfig, dvc_hash: str | None) -> dict:
 
 
 def _validate_and_write(source, paths, files, ignored, tmp: Path, cfg: DataConfig, dvc_hash) -> dict:
-    results = _check(paths, source, cfg.workers or os.cpu_count() or 1, tmp / "images")
+    results = _check(paths, source, cfg.workers or cpus.available(), tmp / "images")
 
     invalid = [(p, r) for p, r in zip(paths, results) if isinstance(r, str)]
     listing = "\n  ".join(f"{p}: {r}" for p, r in invalid)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from components import models, tracking
+from components import cpus, models, tracking
 from components.atomic import atomic_dir, atomic_file, read_json, write_json
 from components.augment import eval_transform, load_policy, train_transform
 from components.config import AugmentConfig, FinetuneConfig, TrackingConfig, load_params
@@ -238,6 +238,7 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig,
     into `out` as run.json.
     """
     started = time.time()
+    torch.set_num_threads(min(torch.get_num_threads(), cpus.available()))  # a pod's CPU limit, not the node's
     class_names = read_report(dataset_dir)["classes"]
     policy = load_policy(augment_dir)
     pretrained = read_json(Path(pretrained_dir) / "pretrained.json")

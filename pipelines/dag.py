@@ -43,7 +43,7 @@ class Step:
     cache: bool = True                  # Kubeflow: may a run reuse an earlier run's result
     when: str = ""                      # Kubeflow: runs only when this step's boolean output is true
     credentials: bool = False           # Kubeflow: MLflow address and MLflow/S3 credentials as env
-    sized: bool = False                 # Kubeflow: CPU, memory and GPU from params.yaml `pipeline`
+    gpu: bool = False                   # Kubeflow: gets params.yaml's pipeline.finetune_gpus and GPU scheduling
     demo: bool = False                  # DEMO ONLY: generated only while params.yaml has `demo`
     outs: tuple[str, ...] = ()          # DVC: what a demo stage writes (it has no artifact of the six)
 
@@ -61,7 +61,7 @@ STEPS = (
     Step("fetch_pretrained", "fetch_pretrained", output="weights", params=("pretrained",),
          path_params=("pretrained.uri",), credentials=True),
     Step("finetune", "finetune", inputs=("dataset", "policy", "weights"), output="model", params=("finetune",),
-         credentials=True, sized=True),
+         credentials=True, gpu=True),
     Step("tracking", "tracking", args="target", output="tracking_target", params=("tracking",),
          always_changed=True, runners=("dvc",)),
     Step("validate", "validate", inputs=("dataset", "policy", "weights", "model"), output="reports",

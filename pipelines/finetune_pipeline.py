@@ -4,7 +4,7 @@
     python -m pipelines run-local    # runs this DAG on this machine through kfp.local
 
 Each component body only unpacks Kubeflow's inputs, calls the step's `run` (or core function) from
-components/ and describes the result for the Kubeflow UI. The DAG is not written here: `_build`
+components/ and describes the result for the Kubeflow UI. The DAG is not written here: `make_pipeline`
 walks pipelines/dag.py and wires each `<step>_op` by its argument names (an artifact from the step
 that writes it, a pipeline parameter of the same name, or the run id). The pipeline's parameters
 are the params.yaml sections the components take, with their values as defaults, baked in at
@@ -18,7 +18,7 @@ from pathlib import Path
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
-from components.config import load_params
+from components.config import ConfigError, load_params
 from pipelines.dag import ARTIFACTS, Step, producers, steps_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,16 +157,27 @@ def _with_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
-def _configure(task: dsl.PipelineTask, step: Step) -> None:
+def _configure(task: dsl.PipelineTask, step: Step, pipeline) -> None:
+    """Name, caching and credentials from the declaration; size, timeout, retries and GPU scheduling
+    from params.yaml's `pipeline` section."""
     task.set_display_name(step.name).set_caching_options(step.cache)
     if step.credentials:
         _with_credentials(task)
-    if step.sized:
-        pipeline = PARAMS.pipeline
-        task.set_cpu_request(pipeline.finetune_cpu).set_cpu_limit(pipeline.finetune_cpu)
-        task.set_memory_request(pipeline.finetune_memory).set_memory_limit(pipeline.finetune_memory)
-        if pipeline.finetune_gpus:
-            task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(pipeline.finetune_gpus)
+    settings = pipeline.tasks.get(step.name)
+    if settings is None:
+        raise ConfigError(f"params.yaml: pipeline.tasks.{step.name}: missing (cpu, memory, timeout_s, retries)")
+    task.set_cpu_request(settings.cpu).set_cpu_limit(settings.cpu)
+    task.set_memory_request(settings.memory).set_memory_limit(settings.memory)
+    kubernetes.set_timeout(task, settings.timeout_s)
+    if settings.retries:
+        task.set_retry(settings.retries, backoff_duration=f"{pipeline.retry_backoff_s}s", backoff_factor=2,
+                       backoff_max_duration="1800s")
+    if step.gpu and pipeline.finetune_gpus:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(pipeline.finetune_gpus)
+        for label, value in pipeline.gpu_node_selector.items():
+            kubernetes.add_node_selector(task, label, value)
+        for t in pipeline.gpu_tolerations:
+            kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
 
 
 def pipeline_parameters(params=PARAMS) -> dict[str, object]:
@@ -178,29 +189,34 @@ def pipeline_parameters(params=PARAMS) -> dict[str, object]:
     return {name: values[name] for name in dict.fromkeys(names)}
 
 
-def _build(*channels):
-    values = dict(zip(pipeline_parameters(), channels))
-    writer, tasks = producers(), {}
-    for step in steps_for("kubeflow", demo=False):
-        op = OPS[step.name]
-        kwargs = {name: tasks[writer[name].name].outputs[name] if name in ARTIFACTS
-                  else dsl.PIPELINE_JOB_ID_PLACEHOLDER if name == RUN_ID else values[name]
-                  for name in op.component_spec.inputs}
-        if step.when:
-            with dsl.If(tasks[step.when].outputs["Output"] == True, name=f"{step.when}-passed"):  # noqa: E712
+def make_pipeline(params=PARAMS):
+    """The pipeline for `params` (params.yaml's values as defaults, its `pipeline` section applied)."""
+    def build(*channels):
+        values = dict(zip(pipeline_parameters(params), channels))
+        writer, tasks = producers(), {}
+        for step in steps_for("kubeflow", demo=False):
+            op = OPS[step.name]
+            kwargs = {name: tasks[writer[name].name].outputs[name] if name in ARTIFACTS
+                      else dsl.PIPELINE_JOB_ID_PLACEHOLDER if name == RUN_ID else values[name]
+                      for name in op.component_spec.inputs}
+            if step.when:
+                with dsl.If(tasks[step.when].outputs["Output"] == True, name=f"{step.when}-passed"):  # noqa: E712
+                    task = op(**kwargs)
+            else:
                 task = op(**kwargs)
-        else:
-            task = op(**kwargs)
-        _configure(task, step)
-        tasks[step.name] = task
+            _configure(task, step, params.pipeline)
+            tasks[step.name] = task
+
+    build.__name__ = "finetune_pipeline"
+    # KFP reads the parameters from the signature: one per params.yaml section the components take
+    build.__signature__ = inspect.Signature([
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=type(default))
+        for name, default in pipeline_parameters(params).items()])
+    return dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune a pretrained image classifier; "
+                        "register it in MLflow when it passes validation.")(build)
 
 
-_build.__name__ = "finetune_pipeline"
-_build.__signature__ = inspect.Signature([
-    inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=type(default))
-    for name, default in pipeline_parameters().items()])
-finetune_pipeline = dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune a pretrained image classifier; "
-                                 "register it in MLflow when it passes validation.")(_build)
+finetune_pipeline = make_pipeline()
 
 
 # ---- compile, run locally, schedule -------------------------------------------------------
@@ -208,10 +224,10 @@ finetune_pipeline = dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune a pr
 COMPILED = ROOT / "pipelines" / "finetune_pipeline.yaml"
 
 
-def compile_pipeline(out: Path = COMPILED) -> Path:
+def compile_pipeline(out: Path = COMPILED, pipeline=finetune_pipeline) -> Path:
     from kfp import compiler
 
-    compiler.Compiler().compile(finetune_pipeline, str(out))
+    compiler.Compiler().compile(pipeline, str(out))
     return out
 
 

@@ -62,3 +62,9 @@ def test_a_section_missing_a_key_names_it(tmp_path):
     path = _write(tmp_path, lambda p: p["finetune"].pop("checkpoint_dir"))
     with pytest.raises(ConfigError, match=r"params.yaml: finetune.checkpoint_dir: Field required"):
         load_params(path)
+
+
+def test_a_kubeflow_task_setting_is_checked_and_named(tmp_path):
+    path = _write(tmp_path, lambda p: p["pipeline"]["tasks"]["data"].update(cpu="two cores"))
+    with pytest.raises(ConfigError, match=r"params.yaml: pipeline.tasks.data.cpu: String should match pattern"):
+        load_params(path)

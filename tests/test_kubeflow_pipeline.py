@@ -81,12 +81,59 @@ def test_tasks_with_side_effects_are_never_cached_and_get_mlflow_settings_from_t
         assert {"MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY"} <= secret_env
 
 
-def test_every_component_runs_on_the_project_image_with_finetune_resources(spec, params):
+def _quantity(value: str, units: dict) -> float:
+    number = value.rstrip("".join(units))
+    return float(number) * units.get(value[len(number):], 1)
+
+
+def test_every_task_is_sized_timed_out_and_retried_as_params_yaml_says(spec, params):
+    from pipelines.dag import steps_for
+
     executors = spec[0]["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {params.pipeline.image}
-    resources = executors["exec-finetune-op"]["container"]["resources"]
-    assert resources["cpuLimit"] == float(params.pipeline.finetune_cpu)
     assert all("pip install" not in " ".join(e["container"]["command"]) for e in executors.values())
+    platform = spec[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    tasks = {**spec[0]["root"]["dag"]["tasks"], **spec[0]["components"]["comp-condition-1"]["dag"]["tasks"]}
+    for step in steps_for("kubeflow", demo=False):
+        name, wanted = step.name.replace("_", "-"), params.pipeline.tasks[step.name]
+        resources = executors[f"exec-{name}-op"]["container"]["resources"]
+        cpu = _quantity(wanted.cpu, {"m": 0.001})
+        memory = _quantity(wanted.memory, {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}) / 1e9  # KFP writes GB
+        assert resources["cpuRequest"] == resources["cpuLimit"] == cpu, step.name  # Guaranteed QoS
+        assert resources["memoryRequest"] == resources["memoryLimit"] == pytest.approx(memory), step.name
+        assert platform[f"exec-{name}-op"]["activeDeadlineSeconds"] == str(wanted.timeout_s), step.name
+        retry = tasks[f"{name}-op"].get("retryPolicy")
+        if wanted.retries:
+            assert retry == {"maxRetryCount": wanted.retries, "backoffDuration": f"{params.pipeline.retry_backoff_s}s",
+                             "backoffFactor": 2.0, "backoffMaxDuration": "1800s"}, step.name
+        else:
+            assert retry is None, step.name
+        assert "accelerator" not in resources  # finetune_gpus: 0 in params.yaml
+
+
+def test_the_gpu_task_gets_gpus_a_node_selector_and_tolerations(params, tmp_path):
+    from components.config import override
+    from pipelines.finetune_pipeline import compile_pipeline, make_pipeline
+
+    gpu = override(params.pipeline, finetune_gpus=2, gpu_node_selector={"cloud.google.com/gke-accelerator": "l4"})
+    out = compile_pipeline(tmp_path / "gpu.yaml", make_pipeline(params.model_copy(update={"pipeline": gpu})))
+    spec = list(yaml.safe_load_all(out.read_text()))
+    resources = spec[0]["deploymentSpec"]["executors"]["exec-finetune-op"]["container"]["resources"]
+    assert {"resourceCount": "2", "resourceType": "nvidia.com/gpu"}.items() <= resources["accelerator"].items()
+    platform = spec[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert platform["exec-finetune-op"]["nodeSelector"] == {"labels": {"cloud.google.com/gke-accelerator": "l4"}}
+    assert platform["exec-finetune-op"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                            "effect": "NoSchedule"}]
+    assert "nodeSelector" not in platform["exec-validate-op"]  # only the task that trains asks for GPUs
+
+
+def test_a_task_without_settings_is_named_when_the_pipeline_is_built(params):
+    from components.config import ConfigError, override
+    from pipelines.finetune_pipeline import make_pipeline
+
+    tasks = {k: v for k, v in params.pipeline.tasks.items() if k != "register"}
+    with pytest.raises(ConfigError, match=r"pipeline.tasks.register: missing"):
+        make_pipeline(params.model_copy(update={"pipeline": override(params.pipeline, tasks=tasks)}))
 
 
 def test_validation_reports_are_kubeflow_visualisations(spec):
