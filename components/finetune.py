@@ -273,6 +273,7 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig,
         "head_replaced": head,
         "parameters": {"trainable_at_start": history[0]["trainable_parameters"], **counts},
         "training_seconds": round(time.time() - started, 3),  # this process; a resumed run counts its part
+        "weights_sha256": models.weights_digest(best_state),  # register refuses a copy of the champion
         "config": cfg.model_dump(mode="json"),
     }
     print(f"finetune: {arch}, {len(class_names)} classes, output layer "

@@ -7,6 +7,7 @@ order (resnet `fc`, mobilenet_v3 `classifier.3`, efficientnet `classifier.1`, vi
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 
 import torch
 import torchvision
@@ -157,6 +158,17 @@ def reinit(model: nn.Module, arch: str, patterns: list[str]) -> list[str]:
     reset = [k for k in state if k.startswith(prefixes)]
     model.load_state_dict({**state, **{k: fresh[k] for k in reset}})
     return reset
+
+
+def weights_digest(state_dict: dict) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and values: the same for the same weights,
+    however and whenever they were saved."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{key}:{tensor.dtype}:{tuple(state_dict[key].shape)}\n".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

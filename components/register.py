@@ -3,7 +3,8 @@
     python -m components.register --params params.yaml --reports artifacts/validate \
         --out artifacts/registration.json
 
-Nothing is registered when the gate failed; the run and registration.json say why. A passing
+Nothing is registered when the gate failed, or when the weights are the champion's own (a scheduled
+run whose inputs did not change); the run and registration.json say why. A passing
 version gets `register.challenger_alias`; with `register.promotion: auto` it also gets
 `register.alias`, but only if that alias still points where validate read it (compare-and-set
 under the registry lock), so two pipelines finishing together never promote a model that was
@@ -22,13 +23,21 @@ from components.registry import current_version, promotion_lock
 
 # Run tags copied onto the model version, so the registry alone says where a model came from.
 LINEAGE_TAGS = ("git_commit", "data_fingerprint", "data_source", "pretrained_uri", "pretrained_sha256",
-                "pipeline_runner", "pipeline_run_id", "params_hash")
+                "pipeline_runner", "pipeline_run_id", "params_hash", "weights_sha256", "dvc_experiment")
 
 
 def _champion_seen(gate: dict) -> str | None:
     """The champion version validate compared against (None: there was none)."""
     champion = gate.get("champion") or {}
     return champion.get("champion_version")
+
+
+def _skip(client, run: dict, out, reason: str) -> dict:
+    """Register nothing: say why on the run and in registration.json."""
+    client.set_tag(run["run_id"], "registration", "skipped: " + reason)
+    result = {"registered": False, "reason": reason, "run_id": run["run_id"]}
+    write_json(out, result)
+    return result
 
 
 def register(validation_dir, out, cfg: RegisterConfig) -> dict:
@@ -40,11 +49,7 @@ def register(validation_dir, out, cfg: RegisterConfig) -> dict:
     client = tracking.client()
 
     if not gate["passed"]:
-        reason = "validation gate failed: " + "; ".join(gate["reasons"])
-        client.set_tag(run["run_id"], "registration", "skipped: " + reason)
-        result = {"registered": False, "reason": reason, "run_id": run["run_id"]}
-        write_json(out, result)
-        return result
+        return _skip(client, run, out, "validation gate failed: " + "; ".join(gate["reasons"]))
 
     with promotion_lock(client, cfg.model_name):
         existing = client.search_model_versions(f"name = '{cfg.model_name}' and run_id = '{run['run_id']}'")
@@ -52,6 +57,11 @@ def register(validation_dir, out, cfg: RegisterConfig) -> dict:
             version = str(existing[0].version)
         else:
             run_tags = client.get_run(run["run_id"]).data.tags
+            champion = current_version(client, cfg.model_name, cfg.alias)
+            if champion and run_tags.get("weights_sha256") and run_tags["weights_sha256"] == \
+                    client.get_model_version(cfg.model_name, champion).tags.get("weights_sha256"):
+                return _skip(client, run, out, f"weights identical to @{cfg.alias} v{champion} (sha256 "
+                                               f"{run_tags['weights_sha256'][:12]}): nothing new to register")
             tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
             tags["gate"] = "passed"
             version = str(mlflow.register_model(run["model_uri"], cfg.model_name, tags=tags).version)

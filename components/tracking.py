@@ -211,6 +211,7 @@ def log_training_outputs(model_dir) -> None:
     mlflow.log_metrics({"best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
                         "trainable_parameters": summary["parameters"]["trainable"],
                         "training_seconds": summary["training_seconds"]})
+    mlflow.set_tag("weights_sha256", summary["weights_sha256"])
     for name in ("history.json", "summary.json", "training_curves.png"):
         mlflow.log_artifact(str(model_dir / name), artifact_path="finetune")
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from components import models
+from components import validate as validate_step
 from components.augment import augment
 from components.compare import paired_comparison
 from components.config import RegisterConfig
@@ -18,7 +20,6 @@ from components.demo_zoo import export_digits
 from components.fetch_pretrained import fetch
 from components.finetune import finetune
 from components.register import register
-from components import validate as validate_step
 from helpers import ROOT, data_cfg, finetune_cfg, policy_cfg, pretrained_cfg, register_cfg, save_checkpoint, \
     tracking_cfg, validate_cfg
 
@@ -62,13 +63,19 @@ def digits(tmp_path_factory):
     fetch(pretrained_cfg(uri=str(save_checkpoint(t / "zoo.pt", "resnet18", ["a", "b", "c"])), arch="resnet18"),
           t / "pre")
     finetune(t / "data", t / "aug", t / "pre", t / "good", finetune_cfg(lr=0.02, batch_size=32, max_epochs=4))
+    for seed in (1, 2):  # two more good models with other weights (the race below)
+        finetune(t / "data", t / "aug", t / "pre", t / f"good-{seed}",
+                 finetune_cfg(lr=0.02, batch_size=32, max_epochs=4, seed=seed))
     # A broken challenger: the same network, but its output layer always says "5".
     ckpt = torch.load(t / "good" / "model.pt", weights_only=True)
     ckpt["state_dict"]["fc.weight"].zero_()
     ckpt["state_dict"]["fc.bias"].copy_(torch.tensor([5.0, 0.0, 0.0]))
     (t / "broken").mkdir()
-    for name in ("history.json", "summary.json", "training_curves.png"):
+    for name in ("history.json", "training_curves.png"):
         (t / "broken" / name).write_bytes((t / "good" / name).read_bytes())
+    summary = json.loads((t / "good" / "summary.json").read_text())
+    summary["weights_sha256"] = models.weights_digest(ckpt["state_dict"])
+    (t / "broken" / "summary.json").write_text(json.dumps(summary))
     torch.save(ckpt, t / "broken" / "model.pt")
     return t
 
@@ -162,8 +169,8 @@ def test_two_pipelines_finishing_together_promote_one_and_lose_no_version(digits
     reg = register_cfg(model_name="digits-race")
     _pipeline_run(digits, "good", tmp_path / "v1", reg)
     register(tmp_path / "v1", tmp_path / "r1.json", reg)
-    for name in ("a", "b"):
-        gate = _pipeline_run(digits, "good", tmp_path / name, reg)
+    for name, model in (("a", "good-1"), ("b", "good-2")):  # any loss to the champion allowed: the race is tested
+        gate = _pipeline_run(digits, model, tmp_path / name, reg, validate_cfg(champion_margin=1.0))
         assert gate["passed"] and gate["champion"]["champion_version"] == "1"
 
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace(

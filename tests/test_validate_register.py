@@ -107,3 +107,18 @@ def test_failed_gate_registers_nothing_and_records_why(artifacts, mlflow_server,
     client = mlflow.MlflowClient()
     assert client.search_model_versions("name = 'shapes-fail'") == []
     assert client.get_run(run["run_id"]).data.tags["registration"].startswith("skipped: validation gate failed")
+
+
+def test_weights_identical_to_the_champions_are_not_registered_again(tracked):
+    """A nightly run whose inputs did not change trains the same weights: no duplicate version."""
+    _validate_and_log(tracked, validate_cfg(), "test-register-same", model_name="shapes-same")
+    first = register(tracked / "val", tracked / "r1.json", register_cfg("shapes-same"))
+    _, again = _validate_and_log(tracked, validate_cfg(), "test-register-same", model_name="shapes-same")
+    second = register(tracked / "val", tracked / "r2.json", register_cfg("shapes-same"))
+    assert first["registered"] and first["promoted"] and not second["registered"]
+    assert second["reason"].startswith("weights identical to @champion v1 (sha256 ")
+    client = mlflow.MlflowClient()
+    assert len(client.search_model_versions("name = 'shapes-same'")) == 1
+    assert client.get_run(again["run_id"]).data.tags["registration"].startswith("skipped: weights identical")
+    assert client.get_model_version("shapes-same", "1").tags["weights_sha256"] == \
+        client.get_run(again["run_id"]).data.tags["weights_sha256"]
