@@ -57,11 +57,11 @@ def register(validation_dir, out, cfg: RegisterConfig) -> dict:
             version = str(existing[0].version)
         else:
             run_tags = client.get_run(run["run_id"]).data.tags
-            champion = current_version(client, cfg.model_name, cfg.alias)
-            if champion and run_tags.get("weights_sha256") and run_tags["weights_sha256"] == \
-                    client.get_model_version(cfg.model_name, champion).tags.get("weights_sha256"):
+            champion, weights = current_version(client, cfg.model_name, cfg.alias), run_tags.get("weights_sha256")
+            if weights and champion and client.get_model_version(cfg.model_name, champion).tags.get(
+                    "weights_sha256") == weights:
                 return _skip(client, run, out, f"weights identical to @{cfg.alias} v{champion} (sha256 "
-                                               f"{run_tags['weights_sha256'][:12]}): nothing new to register")
+                                               f"{weights[:12]}): nothing new to register")
             tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
             tags["gate"] = "passed"
             version = str(mlflow.register_model(run["model_uri"], cfg.model_name, tags=tags).version)

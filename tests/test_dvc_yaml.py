@@ -19,7 +19,8 @@ def test_dvc_yaml_in_the_repository_is_current():
 def test_each_stage_depends_on_every_module_its_step_imports():
     stages = _stages()
     # the modules the review found missing: decoding, the dataset reader, the models
-    assert {"components/images.py", "components/dataset.py", "components/tracking.py"} <= set(stages["finetune"]["deps"])
+    finetune = set(stages["finetune"]["deps"])
+    assert {"components/images.py", "components/dataset.py", "components/tracking.py"} <= finetune
     assert {"components/models.py", "components/images.py", "components/dataset.py", "components/serving.py"} \
         <= set(stages["validate"]["deps"])
     assert {"components/dataset.py", "components/images.py"} <= set(stages["augment"]["deps"])
