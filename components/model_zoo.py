@@ -161,12 +161,11 @@ def _registry(uri: str, pin: str, max_bytes: int) -> tuple[Path, str]:
     """The checkpoint of a registered version, and the immutable models:/<name>/<version> it resolved to."""
     import mlflow
 
+    from components import tracking
     from components.registry import current_version
-    from components.tracking import tracking_uri
 
     rest = uri[len("models:/"):]
-    mlflow.set_tracking_uri(tracking_uri())
-    client = mlflow.MlflowClient()
+    client = tracking.client()
     if "@" in rest:
         name, alias = rest.split("@", 1)
         version = current_version(client, name, alias)
