@@ -5,19 +5,20 @@ STAMP  := $(VENV)/.requirements.sha256
 PLOTS  := .dvc/plots/offline.html
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup venv run run-local demo-inputs generate init test ui screenshot stack stack-down bench-transfer clean
+.PHONY: setup venv lock run run-local demo-inputs generate init test ui screenshot stack stack-down image run-container \
+	bench-transfer clean
 
 setup: venv $(PLOTS)
 
-# Idempotent: skipped when .venv was built from exactly this requirements.lock and pyproject.toml.
+# Idempotent: skipped when .venv was built from exactly this requirements-dev.lock and pyproject.toml.
 venv:
-	@want=$$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1); \
+	@want=$$(cat requirements-dev.lock pyproject.toml | sha256sum | cut -d' ' -f1); \
 	if [ -x $(PY) ] && [ "$$(cat $(STAMP) 2>/dev/null)" = "$$want" ]; then \
-		echo "setup: $(VENV) matches requirements.lock"; \
+		echo "setup: $(VENV) matches requirements-dev.lock"; \
 	else \
-		echo "setup: installing requirements.lock into $(VENV) (first time: several minutes)"; \
+		echo "setup: installing requirements-dev.lock into $(VENV) (first time: several minutes)"; \
 		python3 -m venv $(VENV) && \
-		$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock && \
+		$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.lock && \
 		$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . && \
 		echo "$$want" > $(STAMP); \
 	fi
@@ -31,6 +32,9 @@ $(PLOTS): infra/plots/package-lock.json infra/plots/offline_template.py
 	else \
 		echo "setup: npm not found: \`dvc plots show\` will load the Vega libraries from their CDN"; \
 	fi
+
+lock: setup                    ## requirements.lock (the image's runtime pins) from requirements.txt and requirements-dev.lock
+	python infra/runtime_lock.py
 
 run: setup                     ## the default pipeline with DVC: only stages whose inputs changed run
 	dvc repro
@@ -63,8 +67,15 @@ stack: setup                   ## SeaweedFS (S3) and an MLflow server on loopbac
 stack-down:
 	python infra/local_stack.py down
 
+image: setup                   ## the component image with podman (apt-get install -y podman runc debootstrap)
+	python infra/container.py build
+
+run-container: setup           ## build the image, run the whole compiled pipeline in it (kfp.local DockerRunner)
+	python infra/container.py run
+
 bench-transfer: setup          ## zoo checkpoint vs random initialisation on the default task
 	python benchmarks/transfer.py
 
 clean:                         ## pipeline outputs and the local MLflow store (not .venv)
-	rm -rf data/raw data/prepared zoo/*.pt artifacts local_outputs checkpoints mlflow.db mlruns dvc_plots screenshots
+	rm -rf data/raw data/prepared zoo/*.pt artifacts local_outputs checkpoints mlflow.db mlruns dvc_plots screenshots \
+		.container-run container-run.json

@@ -11,6 +11,12 @@ import tempfile
 from pathlib import Path
 
 
+def cache_dir() -> Path:
+    """This machine's content cache ($FINETUNE_CACHE, default ~/.cache/finetune-pipeline): files
+    under sha256/<digest of their bytes>, shared by the weights and the images of S3 datasets."""
+    return Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune-pipeline")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike):
     """Yield an empty temporary folder beside `out`; on success it replaces `out`, on error it goes."""

@@ -86,9 +86,8 @@ def save_preview(policy: AugmentConfig, images: list, path: Path, seed: int = 0)
 def augment(dataset_dir: str | Path, out: str | Path, policy: AugmentConfig) -> Path:
     """Check the policy builds, write it to `out`/policy.json with a preview grid from the train split."""
     train_transform(policy), eval_transform(policy)  # fail here, not in finetune, if it cannot build
-    samples = read_split(dataset_dir, "train")
-    step = max(1, len(samples) // policy.preview_images)
-    chosen = samples[::step][: policy.preview_images]
+    chosen = read_split(dataset_dir, "train",  # spread over the split; only these are read
+                        pick=lambda rows: rows[::max(1, len(rows) // policy.preview_images)][: policy.preview_images])
     with atomic_dir(out) as tmp:
         write_json(tmp / "policy.json", policy.model_dump(mode="json"))
         save_preview(policy, [(load_rgb(p), label) for p, label in chosen], tmp / "preview.png")

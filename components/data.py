@@ -2,10 +2,14 @@
 
     python -m components.data --params params.yaml --out data/prepared
 
-The artifact is self-contained (a Kubeflow Dataset can be moved as one folder):
-    images/<class>/<file>   byte-for-byte copies of the source files
-    manifest.csv            path, label, split, sha256, width, height per image
+The artifact is a manifest of immutable references, not a copy of every image (components/dataset.py
+reads it):
+    manifest.csv            path (inside the source), label, split, sha256, width, height per image
+    source.json             where the images are: the folder read, the S3 prefix, or `images/` here
     report.json             counts per class and split, the data fingerprint, the config used
+    images/<class>/<file>   only for a DVC-tracked source: byte-for-byte copies
+Later steps read the images they use from the source and refuse any whose bytes no longer match
+the manifest's sha256.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import csv
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -24,9 +29,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from components import cpus
-from components.atomic import atomic_dir, write_json
+from components.atomic import atomic_dir, cache_dir, write_json
 from components.config import DataConfig, load_params
 from components.data_sources import describe, materialize, redact
+from components.dataset import SOURCE
 from components.images import check
 
 SPLITS = ("train", "val", "test")
@@ -164,17 +170,22 @@ def fingerprint(records: list[ImageRecord]) -> str:
     return h.hexdigest()
 
 
-def prepare(source: str | Path, out: str | Path, cfg: DataConfig) -> dict:
+def prepare(source: str | Path, out: str | Path, cfg: DataConfig, version: str = "") -> dict:
     """Fetch (data_sources), validate every image under `source`, split, write the dataset artifact to `out`.
 
-    Returns the data report. Raises DataError listing every unreadable file with its reason
-    (with data.on_invalid: skip, only when more than data.max_invalid_fraction are); nothing is
-    written then.
+    `version`: the source's version as resolved at the start of the run (data_sources.version);
+    the data read is that version, or the step fails. Returns the data report. Raises DataError
+    listing every unreadable file with its reason (with data.on_invalid: skip, only when more than
+    data.max_invalid_fraction are); nothing is written then.
     """
     cfg = cfg.model_copy(update={"source": str(source)})
     with tempfile.TemporaryDirectory(prefix="dataset-") as staging:
-        local, dvc_hash = materialize(cfg, Path(staging))
-        return _prepare(local, out, cfg, dvc_hash)
+        local, dvc_hash = materialize(cfg, Path(staging), version)
+        report = _prepare(local, out, cfg, dvc_hash, _where(cfg))
+    if version:
+        report["source_version"] = version
+        write_json(Path(out) / "report.json", report)
+    return report
 
 
 def _check(paths: list[Path], root: Path, workers: int, copy_to: Path) -> list:
@@ -188,16 +199,26 @@ def _check(paths: list[Path], root: Path, workers: int, copy_to: Path) -> list:
     return [check(str(p)) for p in tqdm(paths, **progress)]
 
 
-def _prepare(source: Path, out, cfg: DataConfig, dvc_hash: str | None) -> dict:
+def _where(cfg: DataConfig) -> dict:
+    """source.json: where later steps find the images (components/dataset.py)."""
+    if cfg.repo:  # its remote may need the repository's credentials, which later steps do not get
+        return {"kind": "artifact", "location": "images"}
+    if cfg.source.startswith("s3://"):
+        return {"kind": "s3", "location": cfg.source.rstrip("/") + "/"}
+    return {"kind": "folder", "location": cfg.source}
+
+
+def _prepare(source: Path, out, cfg: DataConfig, dvc_hash: str | None, where: dict) -> dict:
     files, ignored = list_images(source, cfg)
     paths = [p for label in files for p in files[label]]
     with atomic_dir(out) as tmp:  # any error below removes it: nothing half-written stays
-        report = _validate_and_write(source, paths, files, ignored, tmp, cfg, dvc_hash)
+        report = _validate_and_write(source, paths, files, ignored, tmp, cfg, dvc_hash, where)
     return report
 
 
-def _validate_and_write(source, paths, files, ignored, tmp: Path, cfg: DataConfig, dvc_hash) -> dict:
-    results = _check(paths, source, cfg.workers or cpus.available(), tmp / "images")
+def _validate_and_write(source, paths, files, ignored, tmp: Path, cfg: DataConfig, dvc_hash, where) -> dict:
+    copy_to = tmp / "images" if where["kind"] == "artifact" else ""
+    results = _check(paths, source, cfg.workers or cpus.available(), copy_to)
 
     invalid = [(p, r) for p, r in zip(paths, results) if isinstance(r, str)]
     listing = "\n  ".join(f"{p}: {r}" for p, r in invalid)
@@ -250,9 +271,20 @@ def _validate_and_write(source, paths, files, ignored, tmp: Path, cfg: DataConfi
         writer = csv.writer(f)
         writer.writerow(["path", "label", "split", "sha256", "width", "height"])
         for r in records:
-            writer.writerow([f"images/{r.relpath}", r.label, splits[r.relpath], r.sha256, r.width, r.height])
+            writer.writerow([r.relpath, r.label, splits[r.relpath], r.sha256, r.width, r.height])
     write_json(tmp / "report.json", report)
+    write_json(tmp / SOURCE, where)
+    if where["kind"] == "s3":  # what was downloaded to check it is what the steps on this machine read
+        _keep(source, records)
     return report
+
+
+def _keep(staging: Path, records: list[ImageRecord]) -> None:
+    root = cache_dir() / "sha256"
+    root.mkdir(parents=True, exist_ok=True)
+    for r in records:
+        if not (root / r.sha256).exists():
+            shutil.move(staging / r.relpath, root / r.sha256)
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,8 @@ that would land outside it (`../`, absolute keys) is refused.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from pathlib import Path, PurePosixPath
 
 from components.config import DataConfig
@@ -38,14 +40,56 @@ def describe(cfg: DataConfig) -> str:
     return cfg.source
 
 
-def materialize(cfg: DataConfig, staging: Path) -> tuple[Path, str | None]:
-    """A local folder holding the dataset, and DVC's hash of it when DVC tracks it."""
+def version(cfg: DataConfig) -> str:
+    """What the source holds now, cheaply and without reading an image: the commit `data.rev` points
+    at (`git:<sha>`), a hash of the S3 prefix's keys, ETags and sizes (`s3:<sha256>`), or of a local
+    folder's paths, sizes and modification times (`files:<sha256>`). Equal versions, equal content."""
     if cfg.repo:
-        return _from_dvc(cfg, staging)
+        from dvc.api import DVCFileSystem
+
+        try:
+            return "git:" + DVCFileSystem(cfg.repo, rev=cfg.rev or None).repo.get_rev()
+        except Exception as err:  # scmrepo and dulwich raise many kinds; the message names the source
+            raise SourceError(f"data.repo/data.rev: cannot resolve {describe(cfg)}: {type(err).__name__}: "
+                              f"{str(err).replace(cfg.repo, redact(cfg.repo))}") from None
     if cfg.source.startswith("s3://"):
-        return _from_s3(cfg.source, staging), None
-    if "://" in cfg.source:
-        raise SourceError(f"data.source: {cfg.source}: unsupported scheme (a path, s3://, or data.repo for DVC)")
+        return "s3:" + _digest(f"{key}\t{etag}\t{size}" for key, etag, size in _s3_listing(cfg.source))
+    _check_scheme(cfg.source)
+    root = Path(cfg.source)
+    if not root.is_dir():
+        raise SourceError(f"data.source: {root} is not a directory")
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return "files:" + _digest(f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}"
+                              for p in files)
+
+
+def _digest(lines) -> str:
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode() + b"\n")
+    return h.hexdigest()
+
+
+def _check_scheme(source: str) -> None:
+    if "://" in source and not source.startswith("s3://"):
+        raise SourceError(f"data.source: {source}: unsupported scheme (a path, s3://, or data.repo for DVC)")
+
+
+def materialize(cfg: DataConfig, staging: Path, expect: str = "") -> tuple[Path, str | None]:
+    """A local folder holding the dataset, and DVC's hash of it when DVC tracks it.
+
+    `expect`: the version (above) this run resolved; for a DVC source it is the commit read, for
+    the others the fetch fails when the source no longer holds that version."""
+    if cfg.repo:
+        if expect:
+            cfg = cfg.model_copy(update={"rev": expect.removeprefix("git:")})
+        return _from_dvc(cfg, staging)
+    _check_scheme(cfg.source)
+    if cfg.source.startswith("s3://"):
+        return _from_s3(cfg.source, staging, expect), None
+    if expect and (now := version(cfg)) != expect:
+        raise SourceError(f"data.source: {cfg.source}: changed since this run resolved it ({expect[:18]}, "
+                          f"now {now[:18]}); run again")
     return Path(cfg.source), None
 
 
@@ -68,28 +112,56 @@ def _from_dvc(cfg: DataConfig, staging: Path) -> tuple[Path, str | None]:
     return staging, dvc_hash
 
 
-def _from_s3(uri: str, staging: Path) -> Path:
-    import boto3
+@contextlib.contextmanager
+def _s3_errors(uri: str):
     import botocore.exceptions
 
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    s3 = boto3.session.Session().client("s3")  # endpoint and keys from the environment as it is now
-    count = 0
     try:
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                if obj["Key"].endswith("/"):
-                    continue  # folder markers
-                dest = safe_join(staging, obj["Key"][len(prefix):], f"data.source: s3://{bucket}/{obj['Key']}")
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                s3.download_file(bucket, obj["Key"], str(dest))
-                count += 1
+        yield
     except botocore.exceptions.ClientError as err:
         raise SourceError(f"data.source: {uri}: {err.response['Error'].get('Code')}: "
                           f"{err.response['Error'].get('Message')}") from None
     except botocore.exceptions.BotoCoreError as err:
         raise SourceError(f"data.source: {uri}: {err}") from None
-    if not count:
+
+
+def _s3_client():
+    import boto3
+
+    return boto3.session.Session().client("s3")  # endpoint and keys from the environment as it is now
+
+
+def _s3_listing(uri: str, s3=None) -> list[tuple[str, str, int]]:
+    """(key relative to the prefix, ETag, size) of every object under the prefix, folder markers left out."""
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    s3 = s3 or _s3_client()
+    with _s3_errors(uri):
+        listing = [(obj["Key"][len(prefix):], obj["ETag"].strip('"'), obj["Size"])
+                   for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                   for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+    if not listing:
         raise SourceError(f"data.source: {uri}: no objects under this prefix")
+    return sorted(listing)
+
+
+def _from_s3(uri: str, staging: Path, expect: str = "") -> Path:
+    """Every object under the prefix, each fetched at the ETag the listing saw; with `expect`, the
+    listing must be that version."""
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    s3 = _s3_client()
+    listing = _s3_listing(uri, s3)
+    now = "s3:" + _digest(f"{key}\t{etag}\t{size}" for key, etag, size in listing)
+    if expect and now != expect:
+        raise SourceError(f"data.source: {uri}: changed since this run resolved it ({expect[:18]}, "
+                          f"now {now[:18]}); run again")
+    with _s3_errors(uri):
+        for key, etag, _ in listing:
+            dest = safe_join(staging, key, f"data.source: s3://{bucket}/{prefix}{key}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            body = s3.get_object(Bucket=bucket, Key=prefix + key, IfMatch=f'"{etag}"')["Body"]
+            with open(dest, "wb") as f:
+                for chunk in body.iter_chunks(1 << 20):
+                    f.write(chunk)
     return staging

@@ -52,12 +52,18 @@ def unpack(obj: object, path: Path, arch: str) -> tuple[dict, list[str] | None]:
     raise FetchError(f"{path}: no state dict found (expected a dict of tensors)")
 
 
-def fetch(cfg: PretrainedConfig, out: str | Path) -> dict:
-    """Fetch, verify and safely load the weights of `cfg.uri`; write them to `out` as checkpoint-v1."""
+def fetch(cfg: PretrainedConfig, out: str | Path, version: str = "") -> dict:
+    """Fetch, verify and safely load the weights of `cfg.uri`; write them to `out` as checkpoint-v1.
+
+    `version`: the content id resolved at the start of the run (model_zoo.version); a file whose
+    SHA-256 it names must have that digest."""
     path, class_names, source = resolve(cfg.uri, cfg.arch, cfg.sha256, int(cfg.max_size_mb * 2**20))
     sha256 = sha256_file(path)
     if cfg.sha256 and sha256 != cfg.sha256:
         raise FetchError(f"pretrained.sha256 mismatch for {cfg.uri}: pinned {cfg.sha256}, file {path} has {sha256}")
+    if version.startswith("sha256:") and version != f"sha256:{sha256}":
+        raise FetchError(f"pretrained.uri: {cfg.uri}: changed since this run resolved it ({version[:19]}, "
+                         f"now sha256:{sha256[:12]}); run again")
     state_dict, names_in_file = unpack(safe_load(path), path, cfg.arch)
     num_classes = models.num_outputs(state_dict, cfg.arch)
     models.load_weights(models.build(cfg.arch, num_classes), state_dict, cfg.arch)  # fail now, not in finetune
@@ -71,6 +77,7 @@ def fetch(cfg: PretrainedConfig, out: str | Path) -> dict:
         "num_classes": num_classes,
         "class_names": class_names,
         "pinned": bool(cfg.sha256),
+        **({"version": redact(version)} if version else {}),
     }
     with atomic_dir(out) as tmp:
         torch.save({"format": models.CHECKPOINT_FORMAT, "arch": cfg.arch, "class_names": class_names,

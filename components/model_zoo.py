@@ -24,17 +24,13 @@ import tempfile
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from components.atomic import atomic_file, write_json
+from components.atomic import atomic_file, cache_dir, sha256_file, write_json
 
 CHUNK = 1 << 20
 
 
 class FetchError(ValueError):
     """The weights could not be fetched or trusted; the message names the URI and why."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune-pipeline")
 
 
 def _index() -> dict:
@@ -162,20 +158,8 @@ def _registry(uri: str, pin: str, max_bytes: int) -> tuple[Path, str]:
     import mlflow
 
     from components import tracking
-    from components.registry import current_version
 
-    rest = uri[len("models:/"):]
-    client = tracking.client()
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        version = current_version(client, name, alias)
-        if version is None:
-            raise FetchError(f"pretrained.uri: {uri}: no registered model '{name}' with alias '{alias}'")
-    elif rest.count("/") == 1:
-        name, version = rest.split("/")
-    else:
-        raise FetchError(f"pretrained.uri: {uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
-    resolved = f"models:/{name}/{version}"
+    resolved = _registry_version(uri, tracking.client())
     if cached := (_cached(pin) or _from_index(resolved)):
         return cached, resolved
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,6 +174,58 @@ def _registry(uri: str, pin: str, max_bytes: int) -> tuple[Path, str]:
         _check_size(uri, found[0].stat().st_size, max_bytes)
         with open(found[0], "rb") as f:
             return _store(iter(lambda: f.read(CHUNK), b""), uri, max_bytes, pin, key=resolved), resolved
+
+
+def _registry_version(uri: str, client) -> str:
+    """models:/<name>/<version> for models:/<name>@<alias> (the version it points at now) or itself."""
+    from components.registry import current_version
+
+    rest = uri[len("models:/"):]
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        version = current_version(client, name, alias)
+        if version is None:
+            raise FetchError(f"pretrained.uri: {uri}: no registered model '{name}' with alias '{alias}'")
+        return f"models:/{name}/{version}"
+    if rest.count("/") == 1:
+        return uri
+    raise FetchError(f"pretrained.uri: {uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+
+
+def version(uri: str, arch: str, pin: str = "") -> tuple[str, str]:
+    """The immutable URI to fetch and what identifies its content, without downloading it: a
+    registry alias becomes its version (and that version's weights digest), an S3 object its ETag,
+    a local file its SHA-256; a pin or a torchvision weights name (its file name carries a hash)
+    identifies itself."""
+    if pin:
+        return uri, f"sha256:{pin}"
+    if uri.startswith("torchvision://"):
+        return uri, uri
+    if uri.startswith("https://"):
+        raise FetchError(f"pretrained.sha256: required for {uri}: an https:// download is trusted only when pinned")
+    if uri.startswith("models:/"):
+        from components import tracking
+
+        client = tracking.client()
+        resolved = _registry_version(uri, client)
+        name, number = resolved[len("models:/"):].split("/")
+        try:
+            tags = client.get_model_version(name, number).tags
+        except Exception as err:  # MlflowException or the HTTP error behind it; the message names the URI
+            raise FetchError(f"pretrained.uri: {uri}: {resolved}: {err}") from None
+        return resolved, f"weights_sha256:{tags['weights_sha256']}" if "weights_sha256" in tags else resolved
+    if uri.startswith("s3://"):
+        import boto3
+        import botocore.exceptions
+
+        parsed = urlparse(uri)
+        try:
+            head = boto3.session.Session().client("s3").head_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+            raise FetchError(f"pretrained.uri: {uri}: {err}") from None
+        return uri, f"etag:{head['ETag'].strip(chr(34))}"
+    path, _, _ = resolve(uri, arch, max_bytes=2**62)  # a local file: its bytes are its identity
+    return uri, f"sha256:{sha256_file(path)}"
 
 
 def resolve(uri: str, arch: str, pin: str = "", max_bytes: int = 2**40) -> tuple[Path, list[str] | None, str]:

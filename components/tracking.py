@@ -354,7 +354,7 @@ def record_validation(dataset_dir, augment_dir, pretrained_dir, model_dir, valid
         test_metrics.update({"champion_accuracy": gate["champion"]["champion_accuracy"],
                              "accuracy_difference_lower_bound": gate["champion"]["lower_bound"],
                              "mcnemar_p_value": gate["champion"]["mcnemar_p_value"]})
-    examples = [p for p, _ in read_split(dataset_dir, "test")[:2]]
+    examples = [p for p, _ in read_split(dataset_dir, "test", pick=lambda rows: rows[:2])]
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.log_params(_flatten("validate", gate["config"]))
         mlflow.log_metrics(test_metrics)

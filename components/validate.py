@@ -25,7 +25,7 @@ from components import tracking
 from components.atomic import atomic_dir, write_json
 from components.compare import paired_comparison
 from components.config import RegisterConfig, TrackingConfig, ValidateConfig, load_params
-from components.dataset import read_split
+from components.dataset import read_manifest, read_split
 from components.images import load_rgb
 from components.serving import ImageClassifier
 
@@ -153,7 +153,7 @@ def validate(dataset_dir, model_dir, out, cfg: ValidateConfig, champion: dict | 
     comparison = _compare(champion, challenger, y_true, y_pred,
                           np.concatenate(champion_pred) if comparable else None, cfg)
     gate = decide(result, cfg, comparison)
-    rel_paths = [Path(p).relative_to(dataset_dir).as_posix() for p, _ in test]
+    rel_paths = [row["path"] for row in read_manifest(dataset_dir, "test")]  # as the manifest names them
     with atomic_dir(out) as tmp:
         write_json(tmp / "metrics.json", result)
         write_json(tmp / "gate.json", gate)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,6 +108,18 @@ def start_mlflow(home: Path, port: int, artifacts: str = "", env: dict[str, str]
             stop(proc.pid)
             raise RuntimeError(f"mlflow server did not start; see {home / 'mlflow.log'}")
         time.sleep(0.5)
+
+
+def free_port() -> int:
+    """A free port on loopback, below 55536: SeaweedFS derives gRPC ports as port + 10000."""
+    while True:
+        port = random.randint(20000, 55000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
 
 
 def stop(pid: int, timeout: float = 20) -> None:

@@ -1,11 +1,12 @@
-"""python -m pipelines generate | run-local | init | schedule
+"""python -m pipelines generate | run-local | init | upload | run | schedule | schedules | pause | resume | delete
 
     generate    write dvc.yaml and pipelines/finetune_pipeline.yaml from pipelines/dag.py and params.yaml
                 (tests fail when either is stale)
     run-local   run the whole Kubeflow DAG on this machine through kfp.local; lightweight components run
                 as subprocesses in this Python environment and log to the same MLflow store as DVC
     init        turn the demo into your project: your images, your pretrained weights (pipelines/own_data.py)
-    schedule    create a recurring run of the compiled pipeline on a Kubeflow Pipelines server
+    upload, run, schedule, schedules, pause, resume, delete
+                the pipeline on a Kubeflow Pipelines server (pipelines/cluster.py)
 """
 
 import argparse
@@ -33,12 +34,7 @@ def main(argv=None) -> int:
     init.add_argument("--arch", help="torchvision architecture (read from a torchvision:// URI when omitted)")
     init.add_argument("--name", help="registered model and experiment name (default: <data folder>-<arch>)")
     init.add_argument("--sha256", default="", help="pin of the weights file (required for https://)")
-    sched = sub.add_parser("schedule", help="recurring run on a Kubeflow Pipelines server")
-    sched.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow")
-    sched.add_argument("--cron", default="0 0 3 * * *", help="KFP cron (with seconds): daily at 03:00 by default")
-    sched.add_argument("--name", default="finetune-nightly", help="recurring run name")
-    sched.add_argument("--experiment", default="finetune", help="KFP experiment to file the runs under")
-    sched.add_argument("--data-source", help="override the pipeline's data_source parameter")
+    _cluster_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "generate":
         print(f"generated {dvc_yaml.write(fp.PARAMS, args.dvc_yaml)} and {fp.compile_pipeline(args.compiled)}")
@@ -47,12 +43,80 @@ def main(argv=None) -> int:
     elif args.command == "init":
         return _init(args)
     else:
-        import kfp
+        from components.config import ConfigError
 
-        params = {"data_source": args.data_source} if args.data_source else {}
-        job = fp.schedule(kfp.Client(host=args.host), args.cron, args.name, args.experiment, params=params)
-        print(f"scheduled {args.name} ({args.cron}): recurring run {job.recurring_run_id}")
+        try:
+            _cluster(args)
+        except ConfigError as err:
+            print(f"{args.command}: {err}", file=sys.stderr)
+            return 2
     return 0
+
+
+def _cluster_commands(sub) -> None:
+    def server(p):
+        p.add_argument("--host", help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow:8888 "
+                       "(default: $KF_PIPELINES_ENDPOINT)")
+        p.add_argument("--namespace", help="profile namespace (multi-user Kubeflow)")
+        p.add_argument("--token-env", default="KF_PIPELINES_TOKEN",
+                       help="environment variable holding a bearer token (default: KF_PIPELINES_TOKEN)")
+        p.add_argument("--in-cluster", action="store_true", help="authenticate with this pod's service account")
+        return p
+
+    def values(p):
+        p.add_argument("--params", type=Path, default=fp.ROOT / "params.yaml", help="a params.yaml of your own")
+        p.add_argument("--param", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one setting, e.g. data.source=s3://bucket/images (repeatable)")
+        return p
+
+    up = values(server(sub.add_parser("upload", help="upload the pipeline as a new version")))
+    up.add_argument("--image", default="", help="component image by digest, e.g. REPO@sha256:... "
+                    f"(default: {fp.IMAGE})")
+    up.add_argument("--version-name", default="", help="default: <image tag>-<UTC time>")
+    for name, text in (("run", "start one run of the latest version"),
+                       ("schedule", "create or update a recurring run by name")):
+        p = values(server(sub.add_parser(name, help=text)))
+        p.add_argument("--experiment", default="finetune", help="KFP experiment to file the runs under")
+        p.add_argument("--version", default="", help="pipeline version id (default: the latest)")
+        p.add_argument("--service-account", default="",
+                       help="run as this Kubernetes service account (infra/k8s/pipeline: finetune-pipeline)")
+        if name == "schedule":
+            p.add_argument("--name", default="finetune-nightly", help="the schedule's name")
+            p.add_argument("--cron", default="0 0 3 * * *", help="KFP cron with seconds; daily at 03:00 by default")
+            p.add_argument("--max-concurrency", type=int, default=1, help="runs of this schedule at once")
+            p.add_argument("--catchup", action="store_true", help="after downtime, run once per missed slot")
+    server(sub.add_parser("schedules", help="list the recurring runs"))
+    for name in ("pause", "resume", "delete"):
+        server(sub.add_parser(name, help=f"{name} a recurring run by name")).add_argument("name")
+
+
+def _cluster(args) -> None:
+    import tempfile
+
+    from pipelines import cluster
+
+    if args.command in ("upload", "run", "schedule"):
+        params = cluster.cluster_ready(cluster.load(args.params, args.param))
+    client = cluster.client(args.host, args.namespace, args.token_env, args.in_cluster)
+    if args.command == "upload":
+        with tempfile.TemporaryDirectory() as tmp:
+            package = cluster.compile_for(params, Path(tmp) / "pipeline.yaml", args.image)
+            pipeline_id, version_id = cluster.upload(client, package, args.version_name)
+        print(f"upload: pipeline {fp.PIPELINE_NAME} ({pipeline_id}), version {version_id}")
+    elif args.command == "run":
+        run = cluster.run(client, args.experiment, params, args.version, service_account=args.service_account)
+        print(f"run: started {run.run_id}")
+    elif args.command == "schedule":
+        job, replaced = cluster.schedule(client, args.name, args.cron, args.experiment, params, args.version,
+                                         args.max_concurrency, args.catchup, args.service_account)
+        print(f"schedule: {'updated' if replaced else 'created'} {args.name} ({args.cron}): {job.recurring_run_id}")
+    elif args.command == "schedules":
+        for row in cluster.schedules(client):
+            print(f"{row['name']}\t{row['cron']}\t{row['status']}\tmax {row['max_concurrency']}\t"
+                  f"version {row['version']}\t{row['id']}")
+    else:
+        count = cluster.change(client, args.name, args.command)
+        print(f"{args.command}: {args.name} ({count} recurring run{'s' * (count != 1)})")
 
 
 def _init(args) -> int:

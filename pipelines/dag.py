@@ -40,6 +40,7 @@ class Step:
                                         #   path, else (s3://, a git repository) the stage always runs
     always_changed: bool = False        # DVC: runs every time (it resolves something outside the workspace)
     runners: tuple[str, ...] = ("dvc", "kubeflow")
+    values: tuple[str, ...] = ()        # Kubeflow: parameters it returns; later steps take them by name
     cache: bool = True                  # Kubeflow: may a run reuse an earlier run's result
     when: str = ""                      # Kubeflow: runs only when this step's boolean output is true
     credentials: bool = False           # Kubeflow: MLflow address and MLflow/S3 credentials as env
@@ -55,9 +56,15 @@ STEPS = (
          outs=("data/raw/digits-0-4", "data/raw/digits-5-9")),
     Step("demo_zoo", "demo_zoo", args="publish --source data/raw/digits-0-4 --out zoo/resnet18-digits-0-4.pt",
          params=("demo",), runners=("dvc",), demo=True, outs=("zoo/resnet18-digits-0-4.pt",)),
+    # ---- Kubeflow only: moving inputs (an S3 prefix, a git branch, a registry alias) pinned to
+    # immutable values that the steps after it take as inputs, so Kubeflow's cache follows content.
+    # DVC needs no such step: it hashes local dependencies itself, and a stage reading a remote
+    # source always runs.
+    Step("resolve", "resolve", params=("data", "pretrained"), runners=("kubeflow",), cache=False,
+         credentials=True, values=("data_version", "pretrained_uri", "pretrained_version")),
     # ---- the six steps
     Step("data", "data", output="dataset", params=("data",), path_params=("data.source",), credentials=True),
-    Step("augment", "augment", inputs=("dataset",), output="policy", params=("augment",)),
+    Step("augment", "augment", inputs=("dataset",), output="policy", params=("augment",), credentials=True),
     Step("fetch_pretrained", "fetch_pretrained", output="weights", params=("pretrained",),
          path_params=("pretrained.uri",), credentials=True),
     Step("finetune", "finetune", inputs=("dataset", "policy", "weights"), output="model", params=("finetune",),
@@ -92,5 +99,5 @@ def steps_for(runner: str, demo: bool) -> list[Step]:
 
 
 def producers() -> dict[str, Step]:
-    """The step that writes each artifact."""
-    return {s.output: s for s in STEPS if s.output}
+    """The step that writes each artifact or returns each value."""
+    return {name: s for s in STEPS for name in (s.output, *s.values) if name}

@@ -14,16 +14,18 @@ compile time, so DVC and Kubeflow start from the same values.
 
 import inspect
 from pathlib import Path
+from typing import NamedTuple
 
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components.config import ConfigError, load_params
-from pipelines.dag import ARTIFACTS, Step, producers, steps_for
+from pipelines import image
+from pipelines.dag import Step, producers, steps_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = load_params(ROOT / "params.yaml")
-IMAGE = PARAMS.pipeline.image
+IMAGE = image.reference(PARAMS.pipeline.image)  # repository:code-<hash>, the tag `make image` builds
 PIPELINE_NAME = "finetune-image-classifier"
 
 
@@ -31,12 +33,27 @@ def _defaults(section) -> dict:
     return section.model_dump(mode="json", by_alias=True)
 
 
-# ---- components: each argument is an artifact of dag.ARTIFACTS, a params.yaml section, or a run id
+# ---- components: each argument is an artifact of dag.ARTIFACTS, a value a step returns (dag.Step.values),
+# a params.yaml section, or a run id
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def data_op(data_source: str, data_repo: str, data_rev: str, data: dict, dataset: Output[Dataset],
-            report: Output[Markdown]):
-    """Fetch (a folder, s3://, or a DVC-tracked path of `repo` at `rev`), validate and split the dataset."""
+def resolve_op(data_source: str, data_repo: str, data_rev: str, data: dict, pretrained: dict) -> NamedTuple(
+        "Resolved", data_version=str, pretrained_uri=str, pretrained_version=str):
+    """Pin the dataset source and the pretrained URI to what they hold now (never cached)."""
+    from components.config import DataConfig, PretrainedConfig, parse_section
+    from components.resolve import resolve
+
+    values = {**data, "source": data_source, "repo": data_repo, "rev": data_rev}
+    resolved = resolve(parse_section(DataConfig, values, "data"),
+                       parse_section(PretrainedConfig, pretrained, "pretrained"))
+    return tuple(resolved[k] for k in ("data_version", "pretrained_uri", "pretrained_version"))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def data_op(data_source: str, data_repo: str, data_rev: str, data_version: str, data: dict,
+            dataset: Output[Dataset], report: Output[Markdown]):
+    """Fetch `data_version` of the source (a folder, s3://, or a DVC-tracked path of `repo`; for
+    DVC, the commit `rev` pointed at when the run started), validate and split the dataset."""
     from pathlib import Path
 
     from components.config import DataConfig, parse_section
@@ -44,9 +61,10 @@ def data_op(data_source: str, data_repo: str, data_rev: str, data: dict, dataset
     from pipelines.views import data_report_markdown
 
     values = {**data, "source": data_source, "repo": data_repo, "rev": data_rev}
-    result = prepare(data_source, dataset.path, parse_section(DataConfig, values, "data"))
+    result = prepare(data_source, dataset.path, parse_section(DataConfig, values, "data"), data_version)
     dataset.metadata.update({"fingerprint": result["fingerprint"], "num_images": result["num_images"],
-                             "classes": result["classes"], "source": result["source"]})
+                             "classes": result["classes"], "source": result["source"],
+                             "source_version": data_version})
     Path(report.path).write_text(data_report_markdown(result))
 
 
@@ -65,12 +83,13 @@ def augment_op(dataset: Input[Dataset], augment: dict, policy: Output[Artifact],
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def fetch_pretrained_op(pretrained: dict, weights: Output[Model]):
-    """Fetch, checksum and safely load the pretrained weights."""
+def fetch_pretrained_op(pretrained: dict, pretrained_uri: str, pretrained_version: str, weights: Output[Model]):
+    """Fetch `pretrained_uri` (immutable, from resolve), checksum and safely load the weights."""
     from components.config import PretrainedConfig, parse_section
     from components.fetch_pretrained import fetch
 
-    info = fetch(parse_section(PretrainedConfig, pretrained, "pretrained"), weights.path)
+    cfg = parse_section(PretrainedConfig, {**pretrained, "uri": pretrained_uri}, "pretrained")
+    info = fetch(cfg, weights.path, pretrained_version)
     weights.metadata.update({k: info[k] for k in ("uri", "sha256", "arch", "num_classes")})
 
 
@@ -134,8 +153,8 @@ def register_op(reports: Input[Artifact], register: dict, registration: Output[A
     return int(result.get("version", 0))
 
 
-OPS = {"data": data_op, "augment": augment_op, "fetch_pretrained": fetch_pretrained_op, "finetune": finetune_op,
-       "validate": validate_op, "register": register_op}
+OPS = {"resolve": resolve_op, "data": data_op, "augment": augment_op, "fetch_pretrained": fetch_pretrained_op,
+       "finetune": finetune_op, "validate": validate_op, "register": register_op}
 RUN_ID = "pipeline_run_id"  # a component argument that receives the Kubeflow run id
 
 
@@ -184,8 +203,9 @@ def pipeline_parameters(params=PARAMS) -> dict[str, object]:
     """Every pipeline parameter with its default: the components' non-artifact arguments, in order."""
     values = {"data_source": params.data.source, "data_repo": params.data.repo, "data_rev": params.data.rev,
               **{name: section for name, section in params.model_dump(mode="json", by_alias=True).items()}}
+    made = producers()
     names = [name for step in steps_for("kubeflow", demo=False) for name in OPS[step.name].component_spec.inputs
-             if name not in ARTIFACTS and name != RUN_ID]
+             if name not in made and name != RUN_ID]
     return {name: values[name] for name in dict.fromkeys(names)}
 
 
@@ -196,7 +216,7 @@ def make_pipeline(params=PARAMS):
         writer, tasks = producers(), {}
         for step in steps_for("kubeflow", demo=False):
             op = OPS[step.name]
-            kwargs = {name: tasks[writer[name].name].outputs[name] if name in ARTIFACTS
+            kwargs = {name: tasks[writer[name].name].outputs[name] if name in writer
                       else dsl.PIPELINE_JOB_ID_PLACEHOLDER if name == RUN_ID else values[name]
                       for name in op.component_spec.inputs}
             if step.when:
@@ -219,7 +239,7 @@ def make_pipeline(params=PARAMS):
 finetune_pipeline = make_pipeline()
 
 
-# ---- compile, run locally, schedule -------------------------------------------------------
+# ---- compile, run locally -------------------------------------------------------
 
 COMPILED = ROOT / "pipelines" / "finetune_pipeline.yaml"
 
@@ -257,14 +277,3 @@ def run_local(params_file: Path, pipeline_root: Path):
         arguments["data_source"] = _existing_path(params.data.source, "data.source")
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
     return finetune_pipeline(**arguments)
-
-
-def schedule(client, cron: str, job_name: str, experiment: str, package: Path = COMPILED,
-             params: dict | None = None):
-    """A recurring run of the compiled pipeline on a Kubeflow Pipelines server (`client`: kfp.Client)."""
-    exp = client.create_experiment(name=experiment)
-    return client.create_recurring_run(
-        experiment_id=exp.experiment_id, job_name=job_name, cron_expression=cron,
-        pipeline_package_path=str(package), params=params or {},
-        max_concurrency=1,  # two trainings racing for the champion alias help nobody
-        no_catchup=True)    # after downtime, run once, not once per missed slot

@@ -4,9 +4,7 @@ DVC data repositories. (Fixtures are in conftest.py; tests import builders from 
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +16,8 @@ from components.config import load_params, override
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = load_params(ROOT / "params.yaml")
+sys.path.insert(0, str(ROOT / "infra"))
+from local_stack import free_port  # noqa: E402,F401  the stack's port picker, for the tests' servers
 
 # What the unit tests hold constant, on top of params.yaml: plain training (none of the demo's
 # freezing, re-initialising, schedule or checkpoints) and a gate with no thresholds.
@@ -88,18 +88,6 @@ def save_checkpoint(path: Path, arch: str, class_names: list[str], seed: int = 0
 
 
 POLICY = {"image_size": 16, "resize_scale": (0.9, 1.0), "hflip": 0.0, "preview_images": 2}
-
-
-def free_port() -> int:
-    # Below 55536: SeaweedFS derives gRPC ports as port + 10000.
-    while True:
-        port = random.randint(20000, 55000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
 
 
 def _run(cmd, cwd, env) -> str:

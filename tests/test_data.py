@@ -1,5 +1,6 @@
 import csv
 import io
+import json
 import shutil
 
 import numpy as np
@@ -8,6 +9,7 @@ from PIL import Image
 
 from components.config import DataConfig
 from components.data import DataError, prepare
+from components.dataset import read_split
 from components.images import decode
 from helpers import data_cfg, make_imagefolder
 
@@ -29,9 +31,12 @@ def test_split_is_deterministic_and_every_class_is_in_every_split(image_folder, 
     assert a["num_images"] == 90
     for split in ("train", "val", "test"):
         assert all(n > 0 for n in a["counts"][split].values()), split
-    # files are copied byte for byte, so the artifact stands alone
-    row = next(iter(_manifest(tmp_path / "a").values()))
-    assert (tmp_path / "a" / row["path"]).read_bytes() == (image_folder / row["path"][len("images/"):]).read_bytes()
+    # the artifact references the images in the folder read; it copies none of them
+    assert not (tmp_path / "a" / "images").exists()
+    assert json.loads((tmp_path / "a" / "source.json").read_text()) == {"kind": "folder", "location": str(image_folder)}
+    (path, label), = read_split(tmp_path / "a", "test", pick=lambda rows: rows[:1])
+    row = next(r for r in _manifest(tmp_path / "a").values() if r["split"] == "test")
+    assert path == image_folder / row["path"] and label == row["label"] == row["path"].split("/")[0]
 
 
 def test_fingerprint_changes_when_one_image_changes(image_folder, tmp_path):
@@ -83,7 +88,7 @@ def test_identical_images_land_in_the_same_split_and_are_reported(image_folder, 
     report = prepare(image_folder, tmp_path / "out", _cfg(image_folder))
     rows = _manifest(tmp_path / "out")
     for i in range(5):
-        assert rows[f"images/circle/img-{i:03d}.png"]["split"] == rows[f"images/circle/copy-{i}.png"]["split"]
+        assert rows[f"circle/img-{i:03d}.png"]["split"] == rows[f"circle/copy-{i}.png"]["split"]
     assert len(report["duplicates"]) == 5
 
 
@@ -148,7 +153,8 @@ def test_names_with_spaces_and_non_ascii_work(tmp_path):
     report = prepare(src, tmp_path / "out", data_cfg(source=str(src), val_fraction=0.25, test_fraction=0.25,
                                                         seed=3, workers=1))
     assert report["classes"] == ["chat noir", "éléphant"]
-    assert (tmp_path / "out" / "images" / "chat noir" / "photo de Zoé 1.png").exists()
+    assert "chat noir/photo de Zoé 1.png" in _manifest(tmp_path / "out")
+    assert all(path.exists() for split in ("train", "val", "test") for path, _ in read_split(tmp_path / "out", split))
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -1,5 +1,6 @@
 """Datasets from S3 and from a DVC-tracked git repository, against a real SeaweedFS server."""
 
+import csv
 import subprocess
 
 import pytest
@@ -85,3 +86,31 @@ def test_credentials_in_a_repository_url_never_reach_the_report():
     assert redact(url) == "https://git.example.com/team/data.git"
     assert "s3cr3t" not in describe(data_cfg(source="images", repo=url, rev="v3"))
     assert redact("/local/path") == "/local/path" and redact("s3://bucket/key") == "s3://bucket/key"
+
+
+def test_an_s3_dataset_is_a_manifest_of_references_and_steps_fetch_only_what_they_use(s3_env, image_folder,
+                                                                                      tmp_path, monkeypatch):
+    from components.dataset import DatasetError, read_split
+
+    for path in image_folder.rglob("*.png"):
+        s3_env["client"].upload_file(str(path), "data", f"refs/{path.relative_to(image_folder).as_posix()}")
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache-data-step"))
+    prepare("s3://data/refs", tmp_path / "ds", _cfg("s3://data/refs"))
+    assert not (tmp_path / "ds" / "images").exists()  # no copy of the images in the artifact
+    assert (tmp_path / "ds" / "source.json").read_text().count("s3://data/refs/") == 1
+    # Another machine (an empty cache): a step asking for two images downloads two, verified by sha256.
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache-other-pod"))
+    two = read_split(tmp_path / "ds", "train", pick=lambda rows: rows[:2])
+    assert len(list((tmp_path / "cache-other-pod" / "sha256").iterdir())) == 2
+    rows = {r["sha256"]: r for r in csv.DictReader(open(tmp_path / "ds" / "manifest.csv"))}
+    for path, label in two:  # the cached copy is the S3 object's bytes, by its sha256
+        assert rows[path.name]["label"] == label
+        assert path.read_bytes() == (image_folder / rows[path.name]["path"]).read_bytes()
+    prepare(image_folder, tmp_path / "local", _cfg(image_folder))  # the same images, read in place
+    assert sorted(p.read_bytes() for p, _ in read_split(tmp_path / "ds", "test")) == \
+        sorted(p.read_bytes() for p, _ in read_split(tmp_path / "local", "test"))
+    # An object replaced after the data step read it is refused, not trained on.
+    victim = next(r for r in csv.DictReader(open(tmp_path / "ds" / "manifest.csv")) if r["split"] == "val")
+    s3_env["client"].put_object(Bucket="data", Key=f"refs/{victim['path']}", Body=b"not the same image")
+    with pytest.raises(DatasetError, match=f"s3://data/refs/{victim['path']} changed after the data step read it"):
+        read_split(tmp_path / "ds", "val")

@@ -45,8 +45,9 @@ def test_the_dag_is_the_declaration_tasks_artifacts_and_parameters(spec):
             source = wired[name].get("taskOutputArtifact", {}).get("producerTask") or \
                 wired[name]["componentInputArtifact"].removeprefix("pipelinechannel--").removesuffix(f"-{name}")
             assert source == producer, name
-        outputs = components[task["componentRef"]["name"]]["outputDefinitions"]["artifacts"]
-        assert step.output in outputs and step.output in ARTIFACTS
+        outputs = components[task["componentRef"]["name"]]["outputDefinitions"]
+        assert not step.output or (step.output in outputs["artifacts"] and step.output in ARTIFACTS)
+        assert set(step.values) <= set(outputs.get("parameters", {}))
     parameters = spec[0]["root"]["inputDefinitions"]["parameters"]
     assert sorted(parameters) == sorted(["data_source", "data_repo", "data_rev", "data", "augment", "pretrained",
                                          "finetune", "validate", "register", "tracking"])
@@ -58,6 +59,29 @@ def test_pipeline_defaults_are_the_sections_of_params_yaml(spec, params):
     assert inputs["finetune"]["defaultValue"]["freeze"] == params.finetune.freeze
     assert inputs["validate"]["defaultValue"]["min_accuracy"] == params.validation.min_accuracy
     assert inputs["register"]["defaultValue"]["model_name"] == params.registry.model_name
+
+
+def test_caching_follows_content_every_moving_input_is_resolved_by_an_uncached_first_task(spec):
+    """Kubeflow's cache key is a task's parameter values and input artifacts. The resolve task is
+    never cached; the cached tasks that read a moving source take its resolved values, and the
+    tasks after them take their artifacts, so a hit means the same content and a change reruns."""
+    tasks = {**spec[0]["root"]["dag"]["tasks"], **spec[0]["components"]["comp-condition-1"]["dag"]["tasks"]}
+    cached = {name for name, task in tasks.items() if task.get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"data-op", "augment-op", "fetch-pretrained-op", "finetune-op"}
+    assert tasks["resolve-op"]["cachingOptions"] == {} and not tasks["resolve-op"].get("dependentTasks")
+    resolved = {name: {key: value["taskOutputParameter"]["outputParameterKey"]
+                       for key, value in task["inputs"].get("parameters", {}).items()
+                       if value.get("taskOutputParameter", {}).get("producerTask") == "resolve-op"}
+                for name, task in tasks.items()}
+    assert resolved["data-op"] == {"data_version": "data_version"}
+    assert resolved["fetch-pretrained-op"] == {"pretrained_uri": "pretrained_uri",
+                                               "pretrained_version": "pretrained_version"}
+    for name in ("augment-op", "finetune-op"):  # no source of their own: upstream artifacts carry the change
+        assert resolved[name] == {} and tasks[name]["inputs"]["artifacts"]
+    assert tasks["finetune-op"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]["producerTask"] == "data-op"
+    # the resolve task reads every parameter that names something outside the run
+    reads = set(tasks["resolve-op"]["inputs"]["parameters"])
+    assert {"data_source", "data_repo", "data_rev", "pretrained"} <= reads
 
 
 def test_register_runs_only_under_the_gate_condition(spec):
@@ -75,10 +99,19 @@ def test_tasks_with_side_effects_are_never_cached_and_get_mlflow_settings_from_t
     assert validate["cachingOptions"] == {} and register["cachingOptions"] == {}  # enableCaching false is omitted
     assert spec[0]["root"]["dag"]["tasks"]["finetune-op"]["cachingOptions"] == {"enableCache": True}
     executors = spec[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for name in ("exec-finetune-op", "exec-validate-op", "exec-register-op"):  # finetune: the live MLflow run
+    from pipelines.dag import steps_for
+
+    credentialed = {f"exec-{s.name.replace('_', '-')}-op" for s in steps_for("kubeflow", demo=False) if s.credentials}
+    # every task that reads S3 or talks to MLflow: finetune (the live run), and augment, which reads images
+    assert {"exec-resolve-op", "exec-data-op", "exec-augment-op", "exec-fetch-pretrained-op", "exec-finetune-op",
+            "exec-validate-op", "exec-register-op"} == credentialed
+    for name in credentialed:
         assert executors[name]["configMapAsEnv"][0]["configMapName"] == params.pipeline.mlflow_config_map
-        secret_env = {e["envVar"] for e in executors[name]["secretAsEnv"][0]["keyToEnv"]}
-        assert {"MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY"} <= secret_env
+        secret = executors[name]["secretAsEnv"][0]
+        assert secret["secretName"] == params.pipeline.mlflow_secret
+        assert {"MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY"} <= {e["envVar"] for e in secret["keyToEnv"]}
+    spec_text = yaml.safe_dump(spec)
+    assert "AWS_SECRET_ACCESS_KEY: " not in spec_text  # names of keys in a Secret, never values
 
 
 def _quantity(value: str, units: dict) -> float:
@@ -90,7 +123,9 @@ def test_every_task_is_sized_timed_out_and_retried_as_params_yaml_says(spec, par
     from pipelines.dag import steps_for
 
     executors = spec[0]["deploymentSpec"]["executors"]
-    assert {e["container"]["image"] for e in executors.values()} == {params.pipeline.image}
+    from pipelines.image import reference
+
+    assert {e["container"]["image"] for e in executors.values()} == {reference(params.pipeline.image)}
     assert all("pip install" not in " ".join(e["container"]["command"]) for e in executors.values())
     platform = spec[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     tasks = {**spec[0]["root"]["dag"]["tasks"], **spec[0]["components"]["comp-condition-1"]["dag"]["tasks"]}
@@ -142,30 +177,6 @@ def test_validation_reports_are_kubeflow_visualisations(spec):
     assert kinds["confusion"] == "system.ClassificationMetrics"
     assert kinds["decision"] == "system.Markdown" and kinds["report"] == "system.HTML"
     assert kinds["metrics"] == "system.Metrics"
-
-
-def test_schedule_creates_one_recurring_run_without_catch_up(tmp_path):
-    """No Kubeflow Pipelines API server can run here, so this records the calls made to a stand-in client."""
-    from pipelines.finetune_pipeline import schedule
-
-    calls = []
-
-    class StandInClient:
-        def create_experiment(self, name):
-            calls.append(("experiment", name))
-            return type("Experiment", (), {"experiment_id": "exp-1"})()
-
-        def create_recurring_run(self, **kwargs):
-            calls.append(("recurring", kwargs))
-            return type("Job", (), {"recurring_run_id": "job-1"})()
-
-    schedule(StandInClient(), "0 0 3 * * *", "nightly", "finetune", params={"data_source": "s3://b/p"})
-    assert calls[0] == ("experiment", "finetune")
-    kwargs = calls[1][1]
-    assert kwargs["experiment_id"] == "exp-1" and kwargs["cron_expression"] == "0 0 3 * * *"
-    assert kwargs["pipeline_package_path"] == str(COMPILED)
-    assert kwargs["max_concurrency"] == 1 and kwargs["no_catchup"] is True
-    assert kwargs["params"] == {"data_source": "s3://b/p"}
 
 
 @pytest.mark.e2e

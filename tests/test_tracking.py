@@ -67,15 +67,17 @@ def test_a_failing_fine_tune_ends_its_run_failed_with_the_error_and_the_last_fin
     process = _finetune_process(artifacts, max_epochs=500, patience=500)
     live = _wait_for_epochs(client, process, 1)
     manifest = (artifacts / "data" / "manifest.csv").read_text().splitlines()[1:]
+    source = artifacts / "raw"  # the folder the dataset artifact references (conftest's image_folder)
+    assert json.loads((artifacts / "data" / "source.json").read_text())["location"] == str(source)
     for row in manifest:  # the validation images vanish (a volume lost mid-run): the next validation fails
         path, _, split = row.split(",")[:3]
         if split == "val":
-            (artifacts / "data" / path).unlink()
+            (source / path).unlink()
     out, _ = process.communicate(timeout=120)
     assert process.returncode != 0
     run = client.get_run(live.info.run_id)
     assert run.info.status == "FAILED", out
-    assert run.data.tags["error"].startswith("FileNotFoundError: ") and "/images/" in run.data.tags["error"]
+    assert run.data.tags["error"].startswith("FileNotFoundError: ") and f"{source}/" in run.data.tags["error"]
     finished = max(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
     assert run.data.tags["last_finished_epoch"] == str(finished)
 

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from components.config import ValidateConfig
+from components.dataset import read_split
 from components.finetune import finetune
 from components.images import load_rgb
 from components.register import register
@@ -84,7 +85,7 @@ def test_champion_loads_as_pyfunc_and_predicts_class_names_for_a_folder_of_image
     register(tracked / "val", tracked / "registration.json", register_cfg(model_name="shapes-pyfunc"))
     model = mlflow.pyfunc.load_model("models:/shapes-pyfunc@champion")
     evaluated = pd.read_csv(tracked / "val" / "predictions.csv")  # what validate measured
-    files = [tracked / "data" / p for p in evaluated["path"]]
+    files = [p for p, _ in read_split(tracked / "data", "test")]  # in the order validate read them
     out = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))  # raw file bytes
     assert list(out.columns) == ["label", "confidence"] and len(out) == len(files)
     assert list(out["label"]) == list(evaluated["predicted"])  # the served model is the evaluated one
