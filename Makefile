@@ -6,7 +6,7 @@ PLOTS  := .dvc/plots/offline.html
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup venv lock run run-local demo-inputs generate init test ui screenshot stack stack-down image run-container \
-	bench-transfer clean
+	sbom audit bench-transfer clean
 
 setup: venv $(PLOTS)
 
@@ -73,9 +73,15 @@ image: setup                   ## the component image with podman (apt-get insta
 run-container: setup           ## build the image, run the whole compiled pipeline in it (kfp.local DockerRunner)
 	python infra/container.py run
 
+sbom: setup                    ## CycloneDX SBOM of the runtime dependencies -> build/sbom/runtime.cdx.json
+	python infra/supply_chain.py sbom
+
+audit: setup                   ## known vulnerabilities in requirements.lock (says "not audited" without network)
+	python infra/supply_chain.py audit
+
 bench-transfer: setup          ## zoo checkpoint vs random initialisation on the default task
 	python benchmarks/transfer.py
 
 clean:                         ## pipeline outputs and the local MLflow store (not .venv)
 	rm -rf data/raw data/prepared zoo/*.pt artifacts local_outputs checkpoints mlflow.db mlruns dvc_plots screenshots \
-		.container-run container-run.json
+		.container-run container-run.json build

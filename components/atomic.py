@@ -56,7 +56,8 @@ def atomic_file(out: str | os.PathLike):
 
 def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        # allow_nan=False: NaN and Infinity are not JSON, and a reader would choke on them later
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def read_json(path: str | os.PathLike):

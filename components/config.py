@@ -127,6 +127,10 @@ class FinetuneConfig(Section):
     def _warmup_fits(self):
         if self.warmup_epochs >= self.max_epochs:
             raise ValueError("warmup_epochs must be smaller than max_epochs")
+        late = [step.epoch for step in self.unfreeze if step.epoch > self.max_epochs]
+        if late:
+            raise ValueError(f"unfreeze: epoch {late[0]} is after max_epochs ({self.max_epochs}): it would never "
+                             "be applied")
         return self
 
 

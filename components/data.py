@@ -31,9 +31,10 @@ from tqdm import tqdm
 from components import cpus
 from components.atomic import atomic_dir, cache_dir, write_json
 from components.config import DataConfig, load_params
-from components.data_sources import describe, materialize, redact
+from components.data_sources import describe, materialize
 from components.dataset import SOURCE
 from components.images import check
+from components.redaction import redact
 
 SPLITS = ("train", "val", "test")
 PARALLEL_FROM = 256  # files; below this a process pool costs more than it saves
@@ -97,9 +98,7 @@ def list_images(source: Path, cfg: DataConfig) -> tuple[dict[str, list[Path]], l
                 found.append(path)
             else:
                 ignored.append(path.relative_to(source).as_posix())
-        if not found:
-            raise DataError(f"{source / label}: class folder has no image files")
-        files[label] = found
+        files[label] = found  # an empty class is reported with every other problem (_validate_and_write)
     return files, ignored
 
 
@@ -222,11 +221,14 @@ def _validate_and_write(source, paths, files, ignored, tmp: Path, cfg: DataConfi
 
     invalid = [(p, r) for p, r in zip(paths, results) if isinstance(r, str)]
     listing = "\n  ".join(f"{p}: {r}" for p, r in invalid)
+    problems = [f"{source / label}: class folder has no image files" for label, found in files.items() if not found]
     if invalid and cfg.on_invalid == "error":
-        raise DataError(f"{len(invalid)} unreadable image file(s) in {cfg.source}:\n  {listing}")
-    if len(invalid) > cfg.max_invalid_fraction * len(paths):
-        raise DataError(f"{len(invalid)} of {len(paths)} files are unreadable ({len(invalid) / len(paths):.1%}), "
+        problems.append(f"{len(invalid)} unreadable image file(s) in {cfg.source}:\n  {listing}")
+    elif paths and len(invalid) > cfg.max_invalid_fraction * len(paths):
+        problems.append(f"{len(invalid)} of {len(paths)} files are unreadable ({len(invalid) / len(paths):.1%}), "
                         f"more than data.max_invalid_fraction ({cfg.max_invalid_fraction:.1%}):\n  {listing}")
+    if problems:  # every problem in one message: one fix-and-rerun, not one per problem
+        raise DataError("\n".join(problems))
 
     records = []
     for path, result in zip(paths, results):
@@ -303,4 +305,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from components import cli
+
+    sys.exit(cli.run(main))

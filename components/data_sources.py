@@ -10,6 +10,7 @@ import hashlib
 from pathlib import Path, PurePosixPath
 
 from components.config import DataConfig
+from components.redaction import redact
 
 
 class SourceError(ValueError):
@@ -22,15 +23,6 @@ def safe_join(root: Path, relative: str, what: str) -> Path:
     if not parts or relative.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
         raise SourceError(f"{what}: refused: '{relative}' would be written outside {root}")
     return root.joinpath(*parts)
-
-
-def redact(url: str) -> str:
-    """`url` without any user:password@ part, so a token in a repository URL never reaches a log,
-    a report or MLflow."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        return f"{scheme}://{rest.split('@', 1)[1]}"
-    return url
 
 
 def describe(cfg: DataConfig) -> str:

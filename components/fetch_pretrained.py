@@ -13,7 +13,8 @@ Writes weights.pt (checkpoint-v1: arch, class names, state dict) and pretrained.
 from __future__ import annotations
 
 import argparse
-import pickle
+# B403: only to catch pickle.UnpicklingError from torch.load(weights_only=True)
+import pickle  # nosec B403
 import sys
 from pathlib import Path
 
@@ -22,8 +23,8 @@ import torch
 from components import models
 from components.atomic import atomic_dir, sha256_file, write_json
 from components.config import PretrainedConfig, load_params
-from components.data_sources import redact
 from components.model_zoo import FetchError, resolve
+from components.redaction import redact
 
 __all__ = ["FetchError", "fetch"]
 
@@ -60,9 +61,10 @@ def fetch(cfg: PretrainedConfig, out: str | Path, version: str = "") -> dict:
     path, class_names, source = resolve(cfg.uri, cfg.arch, cfg.sha256, int(cfg.max_size_mb * 2**20))
     sha256 = sha256_file(path)
     if cfg.sha256 and sha256 != cfg.sha256:
-        raise FetchError(f"pretrained.sha256 mismatch for {cfg.uri}: pinned {cfg.sha256}, file {path} has {sha256}")
+        raise FetchError(f"pretrained.sha256 mismatch for {redact(cfg.uri)}: pinned {cfg.sha256}, file {path} has "
+                         f"{sha256}")
     if version.startswith("sha256:") and version != f"sha256:{sha256}":
-        raise FetchError(f"pretrained.uri: {cfg.uri}: changed since this run resolved it ({version[:19]}, "
+        raise FetchError(f"pretrained.uri: {redact(cfg.uri)}: changed since this run resolved it ({version[:19]}, "
                          f"now sha256:{sha256[:12]}); run again")
     state_dict, names_in_file = unpack(safe_load(path), path, cfg.arch)
     num_classes = models.num_outputs(state_dict, cfg.arch)
@@ -97,4 +99,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from components import cli
+
+    sys.exit(cli.run(main))

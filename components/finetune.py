@@ -38,6 +38,10 @@ from components.dataset import ImageSplit, read_report
 RUN_MARKER = "mlflow_run.json"  # in checkpoint_dir: the MLflow run an interrupted fine-tune continues
 
 
+class TrainingError(ValueError):
+    """Training cannot go on (a loss that is not a finite number); the message says where and why."""
+
+
 def make_loaders(dataset_dir, policy: AugmentConfig, cfg: FinetuneConfig, class_names: list[str]):
     train = ImageSplit(dataset_dir, "train", train_transform(policy), class_names)
     val = ImageSplit(dataset_dir, "val", eval_transform(policy), class_names)
@@ -76,6 +80,8 @@ class Trainer:
             groups.append({"params": params, "base_lr": g.lr})
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
         groups.insert(0, {"params": rest, "base_lr": cfg.lr})
+        for step in cfg.unfreeze:  # a typo fails now, before the first epoch, not when its epoch starts
+            models.match_modules(model, step.modules, "finetune.unfreeze")
         for g in groups:
             g["lr"] = g["base_lr"]
         if cfg.optimizer == "adamw":
@@ -136,8 +142,8 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key
     history, best_loss, best_state, stale, first = [], math.inf, None, 0, 1
     ckpt_path = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None
 
-    if ckpt_path and ckpt_path.exists():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    saved = _load_checkpoint(ckpt_path) if ckpt_path and ckpt_path.exists() else None
+    if saved is not None:
         if saved.get("run_key") == run_key:
             for epoch in range(2, saved["epoch"] + 1):  # replay unfreezing so the optimizer groups match
                 trainer.unfreeze_for(epoch)
@@ -160,10 +166,11 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key
         total_loss = 0.0
         batches = tqdm(train_loader, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr,
                        disable=None)  # batch bars on a terminal only
-        for x, y in batches:
+        for batch, (x, y) in enumerate(batches, 1):
             trainer.optimizer.zero_grad(set_to_none=True)
             logits = model(x)
             loss = loss_fn(logits, y)
+            _check_finite(loss.item(), f"epoch {epoch}, batch {batch}: training loss", cfg)
             loss.backward()
             trainer.optimizer.step()
             total_loss += loss.item() * len(y)
@@ -180,6 +187,7 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "time": time.time(),  # when the epoch ended: its metrics' timestamp in MLflow
         }
+        _check_finite(row["val_loss"], f"epoch {epoch}: validation loss", cfg)
         history.append(row)
         if on_epoch:
             on_epoch(row)
@@ -200,6 +208,26 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key
                        f"{cfg.min_delta} for {cfg.patience} epochs", file=sys.stderr)
             break
     return best_state, history
+
+
+def _check_finite(value: float, where: str, cfg: FinetuneConfig) -> None:
+    if not math.isfinite(value):
+        raise TrainingError(f"finetune: {where} is {value}: training diverged; nothing is written as the model. "
+                            f"Likely cause: finetune.lr ({cfg.lr}) too high for these layers, or images that "
+                            "are not what the labels say")
+
+
+def _load_checkpoint(path: Path) -> dict | None:
+    """The saved epoch state, or None when `path` cannot be read (cut short by a full disk, say):
+    it is moved aside, named, and training starts afresh, since a checkpoint only saves time."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, pickle errors... for a damaged file
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        path.replace(aside)
+        tqdm.write(f"finetune: checkpoint {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                   f"moved to {aside.name}, starting afresh", file=sys.stderr)
+        return None
 
 
 def save_curves(history: list[dict], best_epoch: int, path: Path) -> None:
@@ -344,4 +372,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from components import cli
+
+    sys.exit(cli.run(main))

@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from components.atomic import atomic_file, cache_dir, sha256_file, write_json
+from components.redaction import redact
 
 CHUNK = 1 << 20
 
@@ -110,19 +111,30 @@ def _torchvision(uri: str, arch: str, max_bytes: int) -> tuple[Path, list[str] |
 
 
 def _https(uri: str, pin: str, max_bytes: int) -> Path:
+    import base64
+    import http.client
     import urllib.request
+    from urllib.parse import unquote, urlsplit, urlunsplit
 
     if not pin:
         raise FetchError(f"pretrained.sha256: required for {uri}: an https:// download is trusted only when pinned")
     if cached := _cached(pin):
         return cached
     try:
-        with urllib.request.urlopen(uri, timeout=60) as response:
+        parts = urlsplit(uri)
+        # https://user:token@host/...: the credential goes as HTTP basic auth, never in the URL
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        request = urllib.request.Request(urlunsplit(parts._replace(netloc=host)))
+        if parts.username is not None:
+            credential = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            request.add_header("Authorization", "Basic " + base64.b64encode(credential.encode()).decode())
+        # B310: https:// only (the caller checked the scheme)
+        with urllib.request.urlopen(request, timeout=60) as response:  # nosec B310
             length = response.headers.get("Content-Length")
             _check_size(uri, int(length) if length else None, max_bytes)
             return _store(iter(lambda: response.read(CHUNK), b""), uri, max_bytes, pin, key=None)
-    except OSError as err:
-        raise FetchError(f"pretrained.uri: {uri}: download failed ({err})") from None
+    except (OSError, ValueError, http.client.HTTPException) as err:  # ValueError: a malformed URL or port
+        raise FetchError(f"pretrained.uri: {uri}: download failed ({type(err).__name__}: {err})") from None
 
 
 def _s3(uri: str, pin: str, max_bytes: int) -> Path:
@@ -192,6 +204,20 @@ def _registry_version(uri: str, client) -> str:
     raise FetchError(f"pretrained.uri: {uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
 
 
+def _redacted_errors(fn):
+    """FetchError messages with every URI in them redacted (a token in the URI never reaches a log)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FetchError as err:
+            raise FetchError(redact(str(err))) from None
+    return wrapper
+
+
+@_redacted_errors
 def version(uri: str, arch: str, pin: str = "") -> tuple[str, str]:
     """The immutable URI to fetch and what identifies its content, without downloading it: a
     registry alias becomes its version (and that version's weights digest), an S3 object its ETag,
@@ -228,6 +254,7 @@ def version(uri: str, arch: str, pin: str = "") -> tuple[str, str]:
     return uri, f"sha256:{sha256_file(path)}"
 
 
+@_redacted_errors
 def resolve(uri: str, arch: str, pin: str = "", max_bytes: int = 2**40) -> tuple[Path, list[str] | None, str]:
     """Local file for `uri`, class names when the zoo knows them, and the immutable source it came from."""
     if uri.startswith("torchvision://"):

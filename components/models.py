@@ -23,7 +23,7 @@ class WeightsError(ValueError):
 
 def build(arch: str, num_classes: int) -> nn.Module:
     if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise WeightsError(f"unknown torchvision classification architecture '{arch}'")
+        raise WeightsError(f"pretrained.arch: unknown torchvision classification architecture '{arch}'")
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 

@@ -5,10 +5,15 @@
 
 Nothing is registered when the gate failed, or when the weights are the champion's own (a scheduled
 run whose inputs did not change); the run and registration.json say why. A passing
-version gets `register.challenger_alias`; with `register.promotion: auto` it also gets
-`register.alias`, but only if that alias still points where validate read it (compare-and-set
-under the registry lock), so two pipelines finishing together never promote a model that was
-compared with a champion that is no longer there. A retry of the same run reuses its version.
+version gets `register.challenger_alias` (which only moves forward, to a newer version); with
+`register.promotion: auto` it also gets `register.alias`, but only if that alias still points
+where validate read it (compare-and-set under the registry lock), so two pipelines finishing
+together never promote a model that was compared with a champion that is no longer there, and
+only if validate could compare the two (a champion with other classes is replaced by hand).
+
+Order of effects: registration.json is written first as an intent (so an unwritable output fails
+before the registry changes), then the version, then the aliases, then the final record. A retry
+after a failure anywhere in between reuses the run's version and completes the rest.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from components import tracking
 from components.atomic import read_json, write_json
 from components.config import RegisterConfig, load_params
-from components import tracking
 from components.registry import current_version, promotion_lock
 
 # Run tags copied onto the model version, so the registry alone says where a model came from.
@@ -50,6 +55,8 @@ def register(validation_dir, out, cfg: RegisterConfig) -> dict:
 
     if not gate["passed"]:
         return _skip(client, run, out, "validation gate failed: " + "; ".join(gate["reasons"]))
+    write_json(out, {"registered": False, "state": "intent: registering", "name": cfg.model_name,
+                     "run_id": run["run_id"]})  # fails here, before any effect, if `out` cannot be written
 
     with promotion_lock(client, cfg.model_name):
         existing = client.search_model_versions(f"name = '{cfg.model_name}' and run_id = '{run['run_id']}'")
@@ -65,13 +72,19 @@ def register(validation_dir, out, cfg: RegisterConfig) -> dict:
             tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
             tags["gate"] = "passed"
             version = str(mlflow.register_model(run["model_uri"], cfg.model_name, tags=tags).version)
-        client.set_registered_model_alias(cfg.model_name, cfg.challenger_alias, version)
+        challenger = current_version(client, cfg.model_name, cfg.challenger_alias)
+        if challenger is None or int(challenger) < int(version):  # never back to an older version
+            client.set_registered_model_alias(cfg.model_name, cfg.challenger_alias, version)
 
         seen, now = _champion_seen(gate), current_version(client, cfg.model_name, cfg.alias)
+        uncompared = (gate.get("champion") or {}).get("skipped") if seen else None
         if now == version:
             promoted, promotion = True, f"already @{cfg.alias}"
         elif cfg.promotion == "manual":
             promoted, promotion = False, f"register.promotion is manual: @{cfg.challenger_alias} only"
+        elif uncompared:
+            promoted, promotion = False, (f"not promoted: {uncompared}; to replace it anyway: mlflow's "
+                                          f"set_registered_model_alias('{cfg.model_name}', '{cfg.alias}', {version})")
         elif now == seen:
             client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
             promoted, promotion = True, f"@{cfg.alias} moved from {f'v{seen}' if seen else 'nobody'}"
@@ -81,9 +94,10 @@ def register(validation_dir, out, cfg: RegisterConfig) -> dict:
         client.set_model_version_tag(cfg.model_name, version, "promotion", promotion)
 
     client.set_tag(run["run_id"], "registration", f"{cfg.model_name} v{version}: {promotion}")
+    aliases = [a for a in (cfg.challenger_alias, cfg.alias) if current_version(client, cfg.model_name, a) == version]
     result = {"registered": True, "name": cfg.model_name, "version": int(version), "promoted": promoted,
-              "promotion": promotion, "aliases": [cfg.challenger_alias] + ([cfg.alias] if promoted else []),
-              "run_id": run["run_id"], "reused_existing_version": bool(existing)}
+              "promotion": promotion, "aliases": aliases, "run_id": run["run_id"],
+              "reused_existing_version": bool(existing)}
     write_json(out, result)
     return result
 
@@ -103,4 +117,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from components import cli
+
+    sys.exit(cli.run(main))

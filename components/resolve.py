@@ -19,6 +19,7 @@ import sys
 from components import data_sources, model_zoo
 from components.atomic import write_json
 from components.config import DataConfig, PretrainedConfig, load_params
+from components.redaction import redact
 
 
 def resolve(data: DataConfig, pretrained: PretrainedConfig) -> dict[str, str]:
@@ -36,9 +37,11 @@ def main(argv=None) -> int:
     resolved = resolve(params.data, params.pretrained)
     write_json(args.out, resolved)
     for key, value in resolved.items():
-        print(f"resolve: {key} {data_sources.redact(value)}")
+        print(f"resolve: {key} {redact(value)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from components import cli
+
+    sys.exit(cli.run(main))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -38,7 +39,7 @@ from mlflow.exceptions import MlflowException
 
 from components.atomic import read_json, write_json
 from components.config import TrackingConfig, load_params
-from components.data_sources import redact
+from components.redaction import redact
 
 DEFAULT_STORE = "mlflow.db"
 RUN_RECORD = "run.json"                 # in the model and the reports folders: which run they belong to
@@ -58,10 +59,29 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace_root() / DEFAULT_STORE}"
 
 
+_READY: set[str] = set()  # SQLite stores this process has seen created
+
+
 def client() -> mlflow.MlflowClient:
     """The one place the MLflow client is set up (fluent API and client point at the same store)."""
-    mlflow.set_tracking_uri(tracking_uri())
-    return mlflow.MlflowClient()
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if not uri.startswith("sqlite:///") or uri in _READY:
+        return mlflow.MlflowClient()
+    # MLflow creates and migrates a new SQLite store's tables when a client first opens it; two
+    # pipelines doing that at once collide ("duplicate column name"). One at a time, under a lock
+    # on the store's folder.
+    folder = Path(uri.removeprefix("sqlite:///")).resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        mlflow_client = mlflow.MlflowClient()
+        mlflow_client.search_experiments(max_results=1)
+    finally:
+        os.close(fd)  # releases the lock
+    _READY.add(uri)
+    return mlflow_client
 
 
 def experiment_id(mlflow_client: mlflow.MlflowClient, name: str) -> str:
@@ -96,7 +116,7 @@ def target(cfg: TrackingConfig) -> dict:
 # ---- what a run records -------------------------------------------------------------------
 
 def _flatten(prefix: str, values: dict) -> dict[str, str]:
-    return {f"{prefix}.{k}": str(v) for k, v in values.items()}
+    return {f"{prefix}.{k}": redact(str(v)) for k, v in values.items()}
 
 
 def training_params(dataset_dir, augment_dir, pretrained_dir, finetune_config: dict) -> dict[str, str]:
@@ -140,7 +160,7 @@ def changed_params(params_file: str | os.PathLike = "params.yaml") -> list[str]:
         for key, value in (current.get(section) or {}).items():
             if before.get(key) != value:
                 shown = json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else value
-                changes.append(f"{key}={shown}")
+                changes.append(redact(f"{key}={shown}"))  # run names show them: no credentials
     return changes
 
 
@@ -388,4 +408,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from components import cli
+
+    sys.exit(cli.run(main))

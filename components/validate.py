@@ -253,10 +253,13 @@ def main(argv=None) -> int:
     params = load_params(args.params)
     gate, record = run(args.dataset, args.policy, args.weights, args.model, args.out, params.validation,
                        params.registry, params.tracking, *tracking.runner_identity())
-    print(f"validate: {'PASSED' if gate['passed'] else 'FAILED: ' + '; '.join(gate['reasons'])}; "
-          f"MLflow run {record['run_id']} ({record['run_name']})")
+    skipped = (gate.get("champion") or {}).get("skipped")
+    print(f"validate: {'PASSED' if gate['passed'] else 'FAILED: ' + '; '.join(gate['reasons'])}"
+          f"{f' (champion: {skipped})' if skipped else ''}; MLflow run {record['run_id']} ({record['run_name']})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from components import cli
+
+    sys.exit(cli.run(main))

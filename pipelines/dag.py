@@ -35,7 +35,8 @@ class Step:
     output: str = ""                    # the artifact it writes
     params: tuple[str, ...] = ()        # params.yaml keys whose change reruns it under DVC
     args: str = ""                      # fixed words after the module (a subcommand)
-    after: tuple[str, ...] = ()         # DVC: artifacts it depends on without taking them as arguments
+    after: tuple[str, ...] = ()         # DVC: artifacts (by name) or paths it depends on without taking
+                                        #   them as artifact arguments
     path_params: tuple[str, ...] = ()   # DVC: parameters naming what it reads: a dependency when a local
                                         #   path, else (s3://, a git repository) the stage always runs
     always_changed: bool = False        # DVC: runs every time (it resolves something outside the workspace)
@@ -55,7 +56,8 @@ STEPS = (
          params=("demo.source_classes", "demo.target_classes"), runners=("dvc",), demo=True,
          outs=("data/raw/digits-0-4", "data/raw/digits-5-9")),
     Step("demo_zoo", "demo_zoo", args="publish --source data/raw/digits-0-4 --out zoo/resnet18-digits-0-4.pt",
-         params=("demo",), runners=("dvc",), demo=True, outs=("zoo/resnet18-digits-0-4.pt",)),
+         params=("demo",), runners=("dvc",), demo=True, after=("data/raw/digits-0-4",),
+         outs=("zoo/resnet18-digits-0-4.pt",)),
     # ---- Kubeflow only: moving inputs (an S3 prefix, a git branch, a registry alias) pinned to
     # immutable values that the steps after it take as inputs, so Kubeflow's cache follows content.
     # DVC needs no such step: it hashes local dependencies itself, and a stage reading a remote

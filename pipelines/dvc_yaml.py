@@ -71,7 +71,7 @@ def stage(step: Step, params: Params) -> dict:
     words = [f"python -m components.{step.module}", step.args, *(f"--{a} {ARTIFACTS[a]}" for a in step.inputs)]
     if step.output:
         words.append(f"--out {ARTIFACTS[step.output]}")
-    deps = import_closure(f"components.{step.module}") + [ARTIFACTS[a] for a in (*step.inputs, *step.after)]
+    deps = import_closure(f"components.{step.module}") + [ARTIFACTS.get(a, a) for a in (*step.inputs, *step.after)]
     always = step.always_changed
     for key in step.path_params:
         path = _local_path(params, key)

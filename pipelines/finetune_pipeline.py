@@ -160,19 +160,17 @@ RUN_ID = "pipeline_run_id"  # a component argument that receives the Kubeflow ru
 
 # ---- pipeline, built from pipelines/dag.py ------------------------------------------------
 
+# The keys of the Secret pipeline.mlflow_secret, each the name of the variable it becomes.
+SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+
+
 def _with_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
     """MLflow's address from a ConfigMap; MLflow's, S3's and the DVC remote's credentials from a
     Secret. Never pipeline parameters, which the Kubeflow UI shows to anyone."""
     kubernetes.use_config_map_as_env(task, PARAMS.pipeline.mlflow_config_map,
                                      {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
-    kubernetes.use_secret_as_env(task, PARAMS.pipeline.mlflow_secret, {
-        "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-        "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
-        "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-        "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
-        "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL",
-    }, optional=True)
+    kubernetes.use_secret_as_env(task, PARAMS.pipeline.mlflow_secret, {key: key for key in SECRET_KEYS}, optional=True)
     return task
 
 

@@ -177,3 +177,21 @@ def make_photo_folder(root: Path, per_class: int = 14, seed: int = 0) -> Path:
                 exif[0x0112] = 6
                 crop.transpose(Image.Transpose.ROTATE_90).save(path.with_suffix(".jpeg"), exif=exif)
     return root
+
+
+def serve_https(tmp_path: Path, handler) -> tuple:
+    """A real HTTPS server on loopback (self-signed certificate for 127.0.0.1) running `handler`, in a
+    thread. Returns (server, base URL, certificate file to trust through SSL_CERT_FILE)."""
+    import http.server
+    import ssl
+    import threading
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"https://127.0.0.1:{server.server_address[1]}", tmp_path / "cert.pem"

@@ -126,11 +126,14 @@ def test_single_class_dataset_is_rejected(tmp_path):
         prepare(src, tmp_path / "out", _cfg(src))
 
 
-def test_empty_class_folder_is_rejected(image_folder, tmp_path):
+def test_empty_class_folder_is_rejected_together_with_every_unreadable_file(image_folder, tmp_path):
     (image_folder / "hexagon").mkdir()
     (image_folder / "hexagon" / ".DS_Store").write_bytes(b"\0\0")
-    with pytest.raises(DataError, match=r"hexagon: class folder has no image files"):
+    (image_folder / "circle" / "cut.png").write_bytes((image_folder / "circle" / "img-000.png").read_bytes()[:40])
+    with pytest.raises(DataError) as err:
         prepare(image_folder, tmp_path / "out", _cfg(image_folder))
+    assert "hexagon: class folder has no image files" in str(err.value)
+    assert "1 unreadable image file(s)" in str(err.value) and "cut.png" in str(err.value)  # in the same message
 
 
 def test_class_too_small_for_the_split_is_named(tmp_path):

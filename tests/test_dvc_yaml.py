@@ -27,6 +27,18 @@ def test_each_stage_depends_on_every_module_its_step_imports():
     assert "components/finetune.py" not in stages["data"]["deps"]  # only what it imports
 
 
+def test_a_stage_whose_command_reads_another_stages_output_depends_on_it():
+    """Else `dvc repro <stage>` in a fresh clone runs it before what it reads exists (demo_zoo did)."""
+    stages = _stages()
+    written = {out if isinstance(out, str) else next(iter(out)): name  # an out is a path or {path: options}
+               for name, stage in stages.items() for out in stage.get("outs", [])}
+    for name, stage in stages.items():
+        for word in stage["cmd"].split():
+            if word in written and written[word] != name:
+                assert word in stage["deps"], f"{name} reads {word} ({written[word]}'s output) without depending on it"
+    assert "data/raw/digits-0-4" in stages["demo_zoo"]["deps"]
+
+
 def test_import_closure_follows_imports_inside_functions_and_skips_other_packages(tmp_path):
     pkg = tmp_path / "components"
     pkg.mkdir()

@@ -137,6 +137,11 @@ def test_champion_with_other_classes_is_skipped_with_the_reason(digits, server, 
     gate = _pipeline_run(digits, "good", tmp_path / "v", reg)
     assert gate["passed"]
     assert "has classes ['1', '2'], the challenger ['5', '6', '7']: not comparable" in gate["champion"]["skipped"]
+    # ...and the champion is not replaced by a model it was never compared with: that is a person's call
+    result = register(tmp_path / "v", tmp_path / "r.json", reg)
+    assert result["registered"] and not result["promoted"] and result["aliases"] == ["challenger"]
+    assert result["promotion"].startswith("not promoted: champion v1 has classes ['1', '2']")
+    assert server.get_model_version_by_alias("digits-other-classes", "champion").version in (1, "1")
 
 
 class _Constant(mlflow.pyfunc.PythonModel):
@@ -196,3 +201,26 @@ def test_two_pipelines_finishing_together_promote_one_and_lose_no_version(digits
     again = register(tmp_path / "a", tmp_path / "a2.json", reg)  # a retry of run a
     assert again["reused_existing_version"] and again["version"] == results[0]["version"]
     assert len(server.search_model_versions("name = 'digits-race'")) == 3
+
+
+def test_an_unwritable_output_fails_before_anything_is_registered_and_a_retry_completes(digits, server, tmp_path):
+    reg = register_cfg(model_name="digits-intent")
+    _pipeline_run(digits, "good", tmp_path / "v", reg)
+    (tmp_path / "not-a-folder").write_text("a file where the output folder should be")
+    with pytest.raises(OSError):
+        register(tmp_path / "v", tmp_path / "not-a-folder" / "registration.json", reg)
+    assert server.search_model_versions("name = 'digits-intent'") == []  # no version, no alias moved
+    result = register(tmp_path / "v", tmp_path / "r.json", reg)  # the retry, with a writable output
+    assert result["version"] == 1 and result["aliases"] == ["challenger", "champion"]
+    assert json.loads((tmp_path / "r.json").read_text()) == result
+
+
+def test_the_challenger_alias_never_moves_back_to_an_older_version(digits, server, tmp_path):
+    reg = register_cfg(model_name="digits-forward", promotion="manual")
+    _pipeline_run(digits, "good", tmp_path / "a", reg)
+    _pipeline_run(digits, "good-1", tmp_path / "b", reg)
+    assert register(tmp_path / "a", tmp_path / "a.json", reg)["version"] == 1
+    assert register(tmp_path / "b", tmp_path / "b.json", reg)["version"] == 2
+    again = register(tmp_path / "a", tmp_path / "a-again.json", reg)  # an old run's register, re-run
+    assert again["version"] == 1 and again["reused_existing_version"] and again["aliases"] == []
+    assert server.get_model_version_by_alias("digits-forward", "challenger").version in (2, "2")

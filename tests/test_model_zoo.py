@@ -3,19 +3,23 @@
 import hashlib
 import http.server
 import json
-import ssl
-import subprocess
-import threading
 
 import mlflow
 import pytest
 import torch
+from helpers import (
+    pretrained_cfg,
+    register_cfg,
+    save_checkpoint,
+    serve_https,
+    tracking_cfg,
+    validate_cfg,
+)
 
 from components import model_zoo
+from components import validate as validate_step
 from components.fetch_pretrained import FetchError, fetch
 from components.register import register
-from components import validate as validate_step
-from helpers import pretrained_cfg, register_cfg, save_checkpoint, tracking_cfg, validate_cfg
 
 
 @pytest.fixture(autouse=True)
@@ -33,9 +37,6 @@ def https_zoo(tmp_path, monkeypatch):
     """A real HTTPS server (self-signed certificate, trusted through SSL_CERT_FILE) counting its requests."""
     root = tmp_path / "www"
     root.mkdir()
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"),
-                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
     requests = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -49,14 +50,9 @@ def https_zoo(tmp_path, monkeypatch):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
-    yield {"root": root, "url": f"https://127.0.0.1:{server.server_address[1]}", "requests": requests}
+    server, url, cert = serve_https(tmp_path, Handler)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    yield {"root": root, "url": url, "requests": requests}
     server.shutdown()
     server.server_close()
 

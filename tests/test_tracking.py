@@ -145,3 +145,15 @@ class _NoServer:
 
     def get_experiment(self, experiment_id):
         return type("Experiment", (), {"experiment_id": experiment_id, "creation_time": 1})()
+
+
+def test_two_pipelines_starting_on_a_new_sqlite_store_at_once_both_get_it(tmp_path):
+    """MLflow creates a new SQLite store's tables on first use; unguarded, two processes doing it at
+    once fail with `duplicate column name: step` (every time on this machine)."""
+    script = "from components import tracking; tracking.client().search_experiments(max_results=1); print('ok')"
+    for trial in range(3):
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / f'new-{trial}' / 'mlflow.db'}"}
+        procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        results = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [err[-800:] for _, err in results]

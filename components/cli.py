@@ -1,0 +1,57 @@
+"""How a step's command line ends: expected failures as one message and a distinct exit code, a
+traceback only for a real bug or with --debug.
+
+    python -m components.<step> ... [--debug]
+
+Exit codes: 0 done; 1 a bug (traceback); 2 configuration (params.yaml, arguments); 3 input data;
+4 pretrained weights (fetching, checking, loading); 5 training diverged; 6 MLflow (tracking,
+registry); 7 storage (a file or folder that cannot be read or written, a full disk).
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+import traceback
+from pathlib import Path
+
+
+# By class name, most specific first (several are ValueErrors), so that neither this module nor a step's
+# dependencies in dvc.yaml take in every step, and a step run as __main__ (whose classes are copies) matches.
+CODES = (("ConfigError", 2), ("DataError", 3), ("SourceError", 3), ("DatasetError", 3), ("FetchError", 4),
+         ("WeightsError", 4), ("TrainingError", 5), ("MlflowException", 6), ("TimeoutError", 6), ("OSError", 7))
+
+
+def exit_code(err: BaseException) -> int | None:
+    """The exit code of an expected failure, None for a bug."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return next((code for name, code in CODES if name in names), None)
+
+
+def describe(err: BaseException) -> str:
+    """The message a person needs: for a storage error the file and the reason, the disk when full."""
+    if isinstance(err, OSError) and not isinstance(err, TimeoutError):
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f)
+        reason = "no space left on the disk" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        return f"{where}: {reason}" if where else reason
+    message = getattr(err, "message", None) or str(err)  # MlflowException keeps it in .message
+    return message
+
+
+def run(main, argv: list[str] | None = None) -> int:
+    """Call a step's `main(argv)`; map the expected failures to one message and an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    step = Path(sys.argv[0]).stem  # components/finetune.py under `python -m components.finetune`
+    try:
+        return main(argv)
+    except Exception as err:  # noqa: BLE001 - sorted below: expected ones get a line, bugs a traceback
+        code = None if debug else exit_code(err)
+        if code is None:
+            if debug:
+                raise
+            traceback.print_exc()
+            return 1
+        print(f"{step}: error: {describe(err)}", file=sys.stderr)
+        return code

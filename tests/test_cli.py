@@ -1,0 +1,87 @@
+"""A step's command line as a user meets it: expected failures are one message naming the setting or
+file and a distinct exit code, never a traceback (unless --debug); a real bug still shows one."""
+
+import errno
+import subprocess
+import sys
+
+import yaml
+
+from components import cli
+from helpers import ROOT
+
+
+def _step(module: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"components.{module}", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _params(tmp_path, **sections) -> str:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in sections.items():
+        raw[section].update(values)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    return str(tmp_path / "params.yaml")
+
+
+def _one_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_a_wrong_setting_is_one_line_naming_it_with_exit_code_2(tmp_path):
+    proc = _step("finetune", "--params", _params(tmp_path, finetune={"lr": -0.1}), "--dataset", "d", "--policy", "p",
+                 "--weights", "w", "--out", str(tmp_path / "m"))
+    assert proc.returncode == 2
+    assert _one_line(proc).startswith("finetune: error: ") and "finetune.lr" in proc.stderr
+
+
+def test_a_missing_folder_is_input_data_exit_code_3(tmp_path):
+    proc = _step("data", "--params", _params(tmp_path), "--source", str(tmp_path / "nowhere"), "--out",
+                 str(tmp_path / "out"))
+    assert proc.returncode == 3
+    assert _one_line(proc) == f"data: error: data.source: {tmp_path / 'nowhere'} is not a directory"
+
+
+def test_an_unknown_architecture_names_pretrained_arch_with_exit_code_4(tmp_path):
+    zoo = tmp_path / "zoo.pt"
+    zoo.write_bytes(b"")
+    proc = _step("fetch_pretrained", "--params", _params(tmp_path, pretrained={"arch": "resnet19", "uri": str(zoo)}),
+                 "--out", str(tmp_path / "pre"))
+    assert proc.returncode == 4, proc.stderr
+    assert _one_line(proc).startswith("fetch_pretrained: error: ")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = _step("data", "--params", _params(tmp_path), "--source", str(tmp_path / "nowhere"), "--out",
+                 str(tmp_path / "out"), "--debug")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "DataError" in proc.stderr
+
+
+def test_storage_errors_name_the_file_and_a_full_disk_says_so():
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/prepared/.manifest.csv.tmp-1")
+    assert cli.describe(full) == "/data/prepared/.manifest.csv.tmp-1: no space left on the disk"
+    denied = PermissionError(errno.EACCES, "Permission denied", "/artifacts/model")
+    assert cli.describe(denied) == "/artifacts/model: Permission denied"
+
+
+def test_a_bug_keeps_its_traceback_and_exit_code_1(capsys):
+    def main(argv):
+        return {}["missing"]
+
+    assert cli.run(main, []) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_expected_errors_map_to_their_codes(capsys):
+    from components.config import ConfigError
+    from components.finetune import TrainingError
+
+    for err, code in ((ConfigError("finetune.lr: must be > 0"), 2), (TrainingError("diverged"), 5),
+                      (TimeoutError("registry lock held"), 6), (FileNotFoundError(2, "No such file", "/x"), 7)):
+        def main(argv, err=err):
+            raise err
+
+        assert cli.run(main, []) == code
+        assert "Traceback" not in capsys.readouterr().err
