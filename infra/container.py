@@ -72,6 +72,9 @@ def build(ref: str) -> dict:
                     "--build-arg", f"BASE={base}", "--build-arg", f"GIT_COMMIT={commit}",
                     "--build-arg", f"VERSION={version}",
                     "--build-arg", f"CREATED={_git('log', '-1', '--format=%cI') or ''}",
+                    # also as flags: podman's layer cache ignores a build arg that only a LABEL or ENV uses,
+                    # so an image rebuilt from the same code at a new commit would keep the old commit
+                    "--label", f"org.opencontainers.image.revision={commit}", "--env", f"GIT_COMMIT={commit}",
                     "-t", ref, "."], cwd=ROOT, check=True)
     inspect = json.loads(subprocess.run([*PODMAN, "image", "inspect", ref], check=True, capture_output=True,
                                         text=True).stdout)[0]
