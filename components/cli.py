@@ -15,7 +15,6 @@ import sys
 import traceback
 from pathlib import Path
 
-
 # By class name, most specific first (several are ValueErrors), so that neither this module nor a step's
 # dependencies in dvc.yaml take in every step, and a step run as __main__ (whose classes are copies) matches.
 CODES = (("ConfigError", 2), ("DataError", 3), ("SourceError", 3), ("DatasetError", 3), ("FetchError", 4),
@@ -34,8 +33,7 @@ def describe(err: BaseException) -> str:
         where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f)
         reason = "no space left on the disk" if err.errno == errno.ENOSPC else (err.strerror or str(err))
         return f"{where}: {reason}" if where else reason
-    message = getattr(err, "message", None) or str(err)  # MlflowException keeps it in .message
-    return message
+    return getattr(err, "message", None) or str(err)  # MlflowException keeps it in .message
 
 
 def run(main, argv: list[str] | None = None) -> int:

@@ -45,7 +45,7 @@ def version(cfg: DataConfig) -> str:
             raise SourceError(f"data.repo/data.rev: cannot resolve {describe(cfg)}: {type(err).__name__}: "
                               f"{str(err).replace(cfg.repo, redact(cfg.repo))}") from None
     if cfg.source.startswith("s3://"):
-        return "s3:" + _digest(f"{key}\t{etag}\t{size}" for key, etag, size in _s3_listing(cfg.source))
+        return _listing_version(_s3_listing(cfg.source))
     _check_scheme(cfg.source)
     root = Path(cfg.source)
     if not root.is_dir():
@@ -117,17 +117,26 @@ def _s3_errors(uri: str):
         raise SourceError(f"data.source: {uri}: {err}") from None
 
 
-def _s3_client():
+def s3_client():
     import boto3
 
     return boto3.session.Session().client("s3")  # endpoint and keys from the environment as it is now
 
 
+def s3_prefix(uri: str) -> tuple[str, str]:
+    """(bucket, key prefix ending in / or empty) of s3://bucket/prefix."""
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    return bucket, prefix.rstrip("/") + "/" if prefix else ""
+
+
+def _listing_version(listing: list[tuple[str, str, int]]) -> str:
+    return "s3:" + _digest(f"{key}\t{etag}\t{size}" for key, etag, size in listing)
+
+
 def _s3_listing(uri: str, s3=None) -> list[tuple[str, str, int]]:
     """(key relative to the prefix, ETag, size) of every object under the prefix, folder markers left out."""
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    s3 = s3 or _s3_client()
+    bucket, prefix = s3_prefix(uri)
+    s3 = s3 or s3_client()
     with _s3_errors(uri):
         listing = [(obj["Key"][len(prefix):], obj["ETag"].strip('"'), obj["Size"])
                    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -140,11 +149,10 @@ def _s3_listing(uri: str, s3=None) -> list[tuple[str, str, int]]:
 def _from_s3(uri: str, staging: Path, expect: str = "") -> Path:
     """Every object under the prefix, each fetched at the ETag the listing saw; with `expect`, the
     listing must be that version."""
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    s3 = _s3_client()
+    bucket, prefix = s3_prefix(uri)
+    s3 = s3_client()
     listing = _s3_listing(uri, s3)
-    now = "s3:" + _digest(f"{key}\t{etag}\t{size}" for key, etag, size in listing)
+    now = _listing_version(listing)
     if expect and now != expect:
         raise SourceError(f"data.source: {uri}: changed since this run resolved it ({expect[:18]}, "
                           f"now {now[:18]}); run again")

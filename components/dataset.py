@@ -58,11 +58,12 @@ def read_split(dataset_dir: str | Path, split: str, pick=None) -> list[tuple[Pat
 
 def _fetch_s3(location: str, rows: list[dict]) -> list[Path]:
     """The cached copy of each row's object, downloading the missing ones (8 at a time)."""
-    import boto3
     import botocore.exceptions
 
-    bucket, _, prefix = location[len("s3://"):].partition("/")
-    s3 = boto3.session.Session().client("s3")  # endpoint and keys from the environment as it is now
+    from components.data_sources import s3_client, s3_prefix
+
+    bucket, prefix = s3_prefix(location)
+    s3 = s3_client()
     root = cache_dir() / "sha256"
 
     def fetch(row: dict) -> Path:
