@@ -6,7 +6,7 @@ PLOTS  := .dvc/plots/offline.html
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup venv lock run run-local demo-inputs generate init test ui screenshot stack stack-down image run-container \
-	sbom audit bench-transfer clean
+	sbom audit reliability bench-transfer clean
 
 setup: venv $(PLOTS)
 
@@ -67,7 +67,7 @@ stack: setup                   ## SeaweedFS (S3) and an MLflow server on loopbac
 stack-down:
 	python infra/local_stack.py down
 
-image: setup                   ## the component image with podman (apt-get install -y podman runc debootstrap)
+image: setup                   ## the component image with podman, and its SBOM in build/sbom/image.cdx.json
 	python infra/container.py build
 
 run-container: setup           ## build the image, run the whole compiled pipeline in it (kfp.local DockerRunner)
@@ -78,6 +78,9 @@ sbom: setup                    ## CycloneDX SBOM of the runtime dependencies -> 
 
 audit: setup                   ## known vulnerabilities in requirements.lock (says "not audited" without network)
 	python infra/supply_chain.py audit
+
+reliability: setup            ## bad inputs and injected faults per step -> the README's reliability table
+	python benchmarks/reliability.py
 
 bench-transfer: setup          ## zoo checkpoint vs random initialisation on the default task
 	python benchmarks/transfer.py

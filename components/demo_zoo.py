@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from components.atomic import atomic_dir, atomic_file
+from components.atomic import atomic_dir, save_torch
 from components.config import ConfigError, Params, load_params, override
 
 
@@ -69,9 +69,8 @@ def publish_source_model(source: str | Path, out: str | Path, params: Params) ->
         model = models.build(cfg.arch, len(class_names))
         train_loader, val_loader = make_loaders(Path(tmp) / "dataset", policy, train_cfg, class_names)
         best_state, history = fit(model, train_loader, val_loader, train_cfg)
-    with atomic_file(out) as tmp_out:
-        torch.save({"format": models.CHECKPOINT_FORMAT, "arch": cfg.arch, "class_names": class_names,
-                    "state_dict": best_state}, tmp_out)
+    save_torch({"format": models.CHECKPOINT_FORMAT, "arch": cfg.arch, "class_names": class_names,
+                "state_dict": best_state}, out)
     return min(history, key=lambda r: r["val_loss"])
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from components import models
-from components.atomic import atomic_dir, sha256_file, write_json
+from components.atomic import atomic_dir, save_torch, sha256_file, write_json
 from components.config import PretrainedConfig, load_params
 from components.model_zoo import FetchError, resolve
 from components.redaction import redact
@@ -82,7 +82,7 @@ def fetch(cfg: PretrainedConfig, out: str | Path, version: str = "") -> dict:
         **({"version": redact(version)} if version else {}),
     }
     with atomic_dir(out) as tmp:
-        torch.save({"format": models.CHECKPOINT_FORMAT, "arch": cfg.arch, "class_names": class_names,
+        save_torch({"format": models.CHECKPOINT_FORMAT, "arch": cfg.arch, "class_names": class_names,
                     "state_dict": state_dict}, tmp / "weights.pt")
         write_json(tmp / "pretrained.json", info)
     return info

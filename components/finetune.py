@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from components import cpus, models, tracking
-from components.atomic import atomic_dir, atomic_file, read_json, write_json
+from components.atomic import atomic_dir, read_json, save_torch, write_json
 from components.augment import eval_transform, load_policy, train_transform
 from components.config import AugmentConfig, FinetuneConfig, TrackingConfig, load_params
 from components.dataset import ImageSplit, read_report
@@ -197,11 +197,10 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key
         else:
             stale += 1
         if ckpt_path:
-            with atomic_file(ckpt_path) as tmp:
-                torch.save({"run_key": run_key, "epoch": epoch, "model": model.state_dict(),
-                            "optimizer": trainer.optimizer.state_dict(), "history": history,
-                            "best_loss": best_loss, "best_state": best_state, "stale": stale,
-                            "rng": _rng_state(train_loader.generator)}, tmp)
+            save_torch({"run_key": run_key, "epoch": epoch, "model": model.state_dict(),
+                        "optimizer": trainer.optimizer.state_dict(), "history": history,
+                        "best_loss": best_loss, "best_state": best_state, "stale": stale,
+                        "rng": _rng_state(train_loader.generator)}, ckpt_path)
             write_json(ckpt_path.with_suffix(".json"), {"epoch": epoch, "run_key": run_key})
         if stale >= cfg.patience:
             tqdm.write(f"finetune: early stop after epoch {epoch}: val loss has not improved by "
@@ -308,7 +307,7 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig,
           f"{'replaced: ' + head if head else 'kept'}; trainable parameters {history[0]['trainable_parameters']:,} "
           f"at the start, {counts['trainable']:,} of {counts['total']:,} at the end", file=sys.stderr)
     with atomic_dir(out) as tmp:
-        torch.save({
+        save_torch({
             "format": models.CHECKPOINT_FORMAT,
             "arch": arch,
             "class_names": class_names,

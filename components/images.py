@@ -36,12 +36,27 @@ def check(data: bytes) -> tuple[int, int]:
     return _open(data, draft=True)[1]
 
 
-def decode(data: bytes) -> Image.Image:
+def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Fully decode an encoded image into an upright RGB image, or raise ValueError saying why."""
-    return to_rgb(ImageOps.exif_transpose(_open(data)[0]))
+    return to_rgb(ImageOps.exif_transpose(_open(data, max_pixels=max_pixels)[0]))
 
 
-def _open(data: bytes, draft: bool = False) -> tuple[Image.Image, tuple[int, int]]:
+def declared_size(data: bytes) -> tuple[int, int]:
+    """The size an encoded image's header declares, read without decoding its pixels."""
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller judges the size
+            with Image.open(io.BytesIO(data)) as img:
+                return img.size
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"decompression bomb: {err}") from None
+    except (Image.UnidentifiedImageError, OSError, SyntaxError):
+        raise ValueError("not a recognised image format") from None
+
+
+def _open(data: bytes, draft: bool = False, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
     """The decoded image and its size as stored (before any draft scaling)."""
     if not data:
         raise ValueError("empty file (0 bytes)")
@@ -50,8 +65,8 @@ def _open(data: bytes, draft: bool = False) -> tuple[Image.Image, tuple[int, int
         try:
             img = Image.open(io.BytesIO(data))
             width, height = img.size
-            if width * height > MAX_PIXELS:
-                raise ValueError(f"declared size {width}x{height} exceeds {MAX_PIXELS} pixels (decompression bomb)")
+            if width * height > max_pixels:
+                raise ValueError(f"declared size {width}x{height} exceeds {max_pixels} pixels (decompression bomb)")
             if getattr(img, "n_frames", 1) > 1:
                 raise ValueError(f"animated image with {img.n_frames} frames")
             if draft and img.format == "JPEG":

@@ -14,6 +14,8 @@ import torchvision
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from components.config import ConfigError
+
 CHECKPOINT_FORMAT = "finetune-pipeline/checkpoint-v1"
 
 
@@ -78,7 +80,7 @@ def match_modules(model: nn.Module, patterns: list[str], setting: str) -> list[s
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             top = ", ".join(n for n in names if "." not in n)
-            raise WeightsError(f"{setting}: pattern '{pattern}' matches no module; top-level modules: {top}")
+            raise ConfigError(f"{setting}: pattern '{pattern}' matches no module; top-level modules: {top}")
         matched += [n for n in hits if n not in matched]
     return matched
 
@@ -94,7 +96,7 @@ def freeze(model: nn.Module, patterns: list[str]) -> list[nn.Module]:
     frozen_bn = []
     for name in match_modules(model, patterns, "finetune.freeze"):
         if head == name or head.startswith(name + "."):
-            raise WeightsError(f"finetune.freeze: '{name}' would freeze the output layer '{head}'")
+            raise ConfigError(f"finetune.freeze: '{name}' would freeze the output layer '{head}'")
         for m in modules[name].modules():
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
@@ -112,7 +114,7 @@ def modules_before(model: nn.Module, until: str) -> list[str]:
     names = dict(model.named_modules())
     if until not in names or not until:
         top = ", ".join(n for n in names if n and n.count(".") <= 1)
-        raise WeightsError(f"finetune.freeze_until: no module '{until}'; modules by depth: {top}")
+        raise ConfigError(f"finetune.freeze_until: no module '{until}'; modules by depth: {top}")
     before, parent = [], ""
     for part in until.split("."):
         container = model.get_submodule(parent) if parent else model

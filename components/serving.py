@@ -2,8 +2,8 @@
 
 An MLflow pyfunc whose input (and signature) is a column `image` of encoded image bytes (PNG,
 JPEG, ... as read from a file, or base64 in a serving request). In-process, a list of decoded
-uint8 RGB images works too: `mlflow.pyfunc.load_model(uri).unwrap_python_model().predict(None, images)`. Decoding, resizing and
-normalisation happen inside, exactly as validate measured them, so a served model sees what
+uint8 RGB images works too: `mlflow.pyfunc.load_model(uri).unwrap_python_model().predict(None, images)`.
+Decoding, resizing and normalisation happen inside, exactly as validate measured them, so a served model sees what
 the evaluated one saw. The weights travel as the checkpoint (loaded with weights_only=True).
 """
 
@@ -16,27 +16,86 @@ import numpy as np
 
 BATCH = 64
 
+# What one request may ask of the served model. Past these it gets a 400 naming the limit instead
+# of the server's memory or time: decoded images are what costs (a small PNG can declare a huge
+# canvas), so pixels are counted from the headers before anything is decoded, and images are
+# decoded a chunk at a time. Split bigger jobs into several requests.
+MAX_ROWS = 512
+MAX_REQUEST_BYTES = 32 * 2**20          # encoded image bytes in one request
+MAX_IMAGE_PIXELS = 40_000_000           # one image (a 7300x5500 photo)
+MAX_REQUEST_PIXELS = 200_000_000        # all images of one request
+CHUNK_PIXELS = 50_000_000               # decoded at a time
 
-def _decoded(model_input) -> list[np.ndarray]:
-    from components.images import decode
+
+def _invalid(message: str):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)  # HTTP 400 from the scoring server
+
+
+def _rows(model_input) -> list:
+    """The request's images, checked against the limits above; raises a 400-kind error saying which."""
+    from components.images import declared_size
 
     if hasattr(model_input, "columns"):  # pandas DataFrame from pyfunc / model serving
         if "image" not in model_input.columns:
-            raise ValueError(f"expected a column 'image' of encoded image bytes, got {list(model_input.columns)}")
+            raise _invalid(f"expected a column 'image' of encoded image bytes, got {list(model_input.columns)}")
         values = list(model_input["image"])
     else:
         values = list(model_input)
-    images = []
+    if not values:
+        raise _invalid("no images in the request")
+    if len(values) > MAX_ROWS:
+        raise _invalid(f"{len(values)} images in one request; at most {MAX_ROWS} (split the request)")
+    encoded = sum(len(v) for v in values if isinstance(v, (bytes, bytearray)))
+    if encoded > MAX_REQUEST_BYTES:
+        raise _invalid(f"{encoded} bytes of images in one request; at most {MAX_REQUEST_BYTES} (split the request)")
+    pixels = 0
     for i, value in enumerate(values):
         if isinstance(value, (bytes, bytearray)):
-            images.append(np.asarray(decode(bytes(value))))
+            try:
+                width, height = declared_size(bytes(value))
+            except ValueError as err:
+                raise _invalid(f"image {i}: {err}") from None
         else:
             array = np.asarray(value)
             if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-                raise ValueError(f"image {i}: expected encoded bytes or a uint8 (H, W, 3) array, "
-                                 f"got {array.dtype} {array.shape}")
-            images.append(array)
-    return images
+                raise _invalid(f"image {i}: expected encoded bytes or a uint8 (H, W, 3) array, "
+                               f"got {array.dtype} {array.shape}")
+            height, width = array.shape[:2]
+        if width * height > MAX_IMAGE_PIXELS:
+            raise _invalid(f"image {i}: {width}x{height} pixels; at most {MAX_IMAGE_PIXELS} per image")
+        pixels += width * height
+    if pixels > MAX_REQUEST_PIXELS:
+        raise _invalid(f"{pixels} pixels in one request; at most {MAX_REQUEST_PIXELS} (split the request)")
+    return values
+
+
+def _decoded(value, i: int) -> np.ndarray:
+    from components.images import decode
+
+    if not isinstance(value, (bytes, bytearray)):
+        return np.asarray(value)
+    try:
+        return np.asarray(decode(bytes(value), max_pixels=MAX_IMAGE_PIXELS))
+    except ValueError as err:
+        raise _invalid(f"image {i}: {err}") from None
+
+
+def _chunks(values: list):
+    """(indices, decoded images) a chunk at a time: at most BATCH images and CHUNK_PIXELS pixels."""
+    indices, images, pixels = [], [], 0
+    for i, value in enumerate(values):
+        image = _decoded(value, i)
+        if images and (len(images) == BATCH or pixels + image.shape[0] * image.shape[1] > CHUNK_PIXELS):
+            yield indices, images
+            indices, images, pixels = [], [], 0
+        indices.append(i)
+        images.append(image)
+        pixels += image.shape[0] * image.shape[1]
+    if images:
+        yield indices, images
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -81,7 +140,10 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         # signature below describes the input, and hints would make MLflow coerce it differently)
         import pandas as pd
 
-        probs = self.predict_proba(_decoded(model_input))
+        values = _rows(model_input)
+        probs = np.zeros((len(values), len(self.class_names)), dtype=np.float32)
+        for indices, images in _chunks(values):
+            probs[indices] = self.predict_proba(images)
         best = probs.argmax(axis=1)
         return pd.DataFrame({"label": [self.class_names[i] for i in best],
                              "confidence": probs[np.arange(len(best)), best].astype(float)})

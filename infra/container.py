@@ -4,6 +4,9 @@ kfp.local's DockerRunner runs every task of the compiled pipeline in it.
     python infra/container.py build     # or: make image
     python infra/container.py run       # or: make run-container (builds first)
 
+Every build also writes the image's CycloneDX SBOM (Debian packages and Python distributions, read
+from the image) to build/sbom/image.cdx.json.
+
 No Docker engine or outside registry is needed: the base image is Debian bookworm made with
 debootstrap (`localhost/debian-bookworm:minbase`), podman (runc runtime) builds and runs, and
 `podman system service` serves the Docker API that DockerRunner speaks. `run` starts SeaweedFS
@@ -35,6 +38,10 @@ PODMAN = ["podman", "--runtime", "runc"]
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")  # the build's pip trusts what this machine trusts
 USER = 10001  # the image's user (infra/Dockerfile)
+SBOM = ROOT / "build" / "sbom" / "image.cdx.json"  # written by every build: what the image holds
+
+
+import supply_chain  # noqa: E402 (infra/ on the path above)
 
 
 def _image_exists(ref: str) -> bool:
@@ -78,8 +85,11 @@ def build(ref: str) -> dict:
                     "-t", ref, "."], cwd=ROOT, check=True)
     inspect = json.loads(subprocess.run([*PODMAN, "image", "inspect", ref], check=True, capture_output=True,
                                         text=True).stdout)[0]
-    return {"image": ref, "build_seconds": round(time.monotonic() - started, 1), "size_bytes": inspect["Size"],
-            "user": inspect["Config"].get("User", ""), "labels": inspect.get("Labels") or {}}
+    seconds = round(time.monotonic() - started, 1)
+    sbom = supply_chain.image_sbom(ref, SBOM, PODMAN)
+    return {"image": ref, "build_seconds": seconds, "size_bytes": inspect["Size"],
+            "user": inspect["Config"].get("User", ""), "labels": inspect.get("Labels") or {},
+            "sbom": str(SBOM), "sbom_purls": [c["purl"] for c in sbom["components"]]}
 
 
 def docker_api(home: Path) -> tuple[subprocess.Popen, str]:
@@ -187,7 +197,8 @@ def main(argv=None) -> int:
         if not shutil.which(tool):
             raise SystemExit(f"container: `{tool}` not found: apt-get install -y podman runc debootstrap")
     built = build(IMAGE)
-    print(f"container: built {IMAGE} in {built['build_seconds']} s, {built['size_bytes'] / 1e9:.2f} GB")
+    print(f"container: built {IMAGE} in {built['build_seconds']} s, {built['size_bytes'] / 1e9:.2f} GB; "
+          f"SBOM of {len(built['sbom_purls'])} components in {built['sbom']}")
     if args.command == "run":
         if args.home.exists():
             shutil.rmtree(args.home)

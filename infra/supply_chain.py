@@ -2,8 +2,11 @@
 
     python infra/supply_chain.py sbom     # or: make sbom   -> build/sbom/runtime.cdx.json
     python infra/supply_chain.py audit    # or: make audit  -> build/audit.json
+    python infra/supply_chain.py image IMAGE  # (make image does it) -> build/sbom/image.cdx.json
 
 The SBOM lists what requirements.lock pins (what the component image installs), with package URLs.
+The image's SBOM is read from the built image itself: every Debian package dpkg knows and every
+Python distribution in its virtual environment.
 The audit asks PyPI's vulnerability data about every pin (pip-audit). Where that service cannot be
 reached it says "not audited" in as many words and records why: an audit that looked at nothing is
 never reported as a pass. Known vulnerabilities fail it (exit 1), naming package, version and id.
@@ -16,7 +19,10 @@ import json
 import subprocess
 import sys
 import tempfile
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -28,6 +34,40 @@ def sbom(out: Path, lock: Path = LOCK) -> dict:
     subprocess.run([str(BIN / "cyclonedx-py"), "requirements", str(lock), "--output-format", "JSON",
                     "--output-file", str(out)], check=True, capture_output=True)
     return json.loads(out.read_text())
+
+
+# Run inside the image: one line per Debian package, a separator, then the venv's distributions as JSON.
+_LIST_IMAGE = ("dpkg-query -W -f '${binary:Package}\\t${Version}\\t${Architecture}\\n' && echo --- && "
+               "python -c 'import importlib.metadata as m, json; "
+               "print(json.dumps(sorted({d.metadata[\"Name\"]: d.version for d in m.distributions()}.items())))'")
+
+
+def image_sbom(image: str, out: Path, podman: list[str] | None = None) -> dict:
+    """CycloneDX 1.5 SBOM of a built image: its Debian packages and its Python distributions."""
+    podman = podman or ["podman", "--runtime", "runc"]
+    listing = subprocess.run([*podman, "run", "--rm", "--network=none", "--ulimit", "nofile=1024:1024",
+                              "--ulimit", "nproc=4096:4096", "--entrypoint", "sh", image, "-c", _LIST_IMAGE],
+                             check=True, capture_output=True, text=True).stdout
+    debs, pythons = listing.split("\n---\n")
+    components = []
+    for line in debs.splitlines():
+        name, version, arch = line.split("\t")
+        name = name.split(":")[0]
+        components.append({"type": "library", "name": name, "version": version, "bom-ref": f"deb:{name}",
+                           "purl": f"pkg:deb/debian/{name}@{quote(version)}?arch={arch}&distro=debian-12"})
+    for name, version in json.loads(pythons):
+        key = name.lower().replace("_", "-")
+        components.append({"type": "library", "name": name, "version": version, "bom-ref": f"pypi:{key}",
+                           "purl": f"pkg:pypi/{key}@{version}"})
+    doc = {"bomFormat": "CycloneDX", "specVersion": "1.5", "serialNumber": f"urn:uuid:{uuid.uuid4()}", "version": 1,
+           "metadata": {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "component": {"type": "container", "name": image, "bom-ref": image}},
+           "components": components}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(out)
+    return doc
 
 
 def verdict(report: dict) -> tuple[str, list[str]]:
@@ -68,9 +108,20 @@ def audit(out: Path, lock: Path = LOCK) -> tuple[str, list[str], bool]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["sbom", "audit"])
-    parser.add_argument("--out", type=Path, help="default: build/sbom/runtime.cdx.json or build/audit.json")
+    parser.add_argument("command", choices=["sbom", "audit", "image"])
+    parser.add_argument("image", nargs="?", help="image reference (image)")
+    parser.add_argument("--out", type=Path,
+                        help="default: build/sbom/runtime.cdx.json, build/audit.json or build/sbom/image.cdx.json")
     args = parser.parse_args(argv)
+    if args.command == "image":
+        if not args.image:
+            parser.error("image: name the image, e.g. ghcr.io/finetune-pipeline/components:code-...")
+        out = args.out or ROOT / "build" / "sbom" / "image.cdx.json"
+        doc = image_sbom(args.image, out)
+        debs = sum(c["purl"].startswith("pkg:deb/") for c in doc["components"])
+        print(f"sbom: {args.image}: {debs} Debian packages, {len(doc['components']) - debs} Python "
+              f"distributions in {out}")
+        return 0
     if args.command == "sbom":
         out = args.out or ROOT / "build" / "sbom" / "runtime.cdx.json"
         doc = sbom(out)

@@ -3,6 +3,7 @@ DVC data repositories. (Fixtures are in conftest.py; tests import builders from 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -195,3 +196,19 @@ def serve_https(tmp_path: Path, handler) -> tuple:
     server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"https://127.0.0.1:{server.server_address[1]}", tmp_path / "cert.pem"
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str = "size=1m"):
+    """A real small (or read-only: "size=1m,ro") file system mounted at `folder` for the test; needs
+    root, as in CI: elsewhere the test is skipped."""
+    import pytest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

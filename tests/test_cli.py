@@ -2,6 +2,7 @@
 file and a distinct exit code, never a traceback (unless --debug); a real bug still shows one."""
 
 import errno
+import os
 import subprocess
 import sys
 
@@ -85,3 +86,20 @@ def test_expected_errors_map_to_their_codes(capsys):
 
         assert cli.run(main, []) == code
         assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_naming_the_file_with_exit_code_7(tmp_path):
+    """A real full disk: a 1 MiB tmpfs mounted for the test (needs root, as in CI; skipped elsewhere).
+    torch.save alone would say "[enforce fail at inline_container.cc] unexpected pos", naming nothing."""
+    from helpers import save_checkpoint, tmpfs
+
+    with tmpfs(tmp_path / "disk") as disk:
+        zoo = save_checkpoint(tmp_path / "zoo.pt", "resnet18", ["a", "b"])
+        proc = subprocess.run(
+            [sys.executable, "-m", "components.fetch_pretrained", "--params",
+             _params(tmp_path, pretrained={"arch": "resnet18", "uri": str(zoo)}), "--out", str(disk / "pre")],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache")})
+        assert proc.returncode == 7, proc.stderr
+        assert _one_line(proc) == f"fetch_pretrained: error: {disk / 'pre' / 'weights.pt'}: no space left on the disk"
+        assert list(disk.iterdir()) == []  # nothing half-written left behind

@@ -35,6 +35,14 @@ def test_the_whole_pipeline_runs_in_its_image_and_registers_a_model_whose_files_
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert result["labels"]["org.opencontainers.image.revision"].removesuffix("-dirty") == head
     assert result["git_commit_tag"] == result["labels"]["org.opencontainers.image.revision"]  # logged from the image
+    # the image's SBOM, read from the image: its Debian packages and exactly the runtime lock's pins (plus pip)
+    purls = result["sbom_purls"]
+    assert {"libc6", "python3", "openssl", "ca-certificates"} <= {p.split("/")[2].split("@")[0] for p in purls
+                                                                 if p.startswith("pkg:deb/debian/")}
+    pins = {line.split("==")[0].lower().replace("_", "-") + "@" + line.split("==")[1]
+            for line in (ROOT / "requirements.lock").read_text().splitlines() if "==" in line}
+    pythons = {p.removeprefix("pkg:pypi/") for p in purls if p.startswith("pkg:pypi/")}
+    assert pins <= pythons and len(pythons - pins) <= 2, sorted(pythons - pins)
     # Outputs, not task states: a registration written by the register task inside the container, the
     # champion in MLflow, and MLflow's files (the model among them) in the S3 bucket.
     assert result["registration"]["registered"] and result["registration"]["aliases"] == ["challenger", "champion"]

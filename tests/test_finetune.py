@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from components import models
+from components.config import ConfigError
 from components.fetch_pretrained import fetch
 from components.finetune import finetune, fit, make_loaders
 from helpers import POLICY as POLICY_VALUES
@@ -65,12 +66,12 @@ def test_early_stopping_returns_the_best_epochs_weights_not_the_last(artifacts):
 
 
 def test_freeze_pattern_that_matches_nothing_is_named():
-    with pytest.raises(models.WeightsError, match=r"finetune.freeze: pattern 'layr1' matches no module; top-level"):
+    with pytest.raises(ConfigError, match=r"finetune.freeze: pattern 'layr1' matches no module; top-level"):
         models.freeze(models.build("resnet18", 3), ["layr1"])
 
 
 def test_freezing_the_output_layer_is_refused():
-    with pytest.raises(models.WeightsError, match=r"would freeze the output layer 'fc'"):
+    with pytest.raises(ConfigError, match=r"would freeze the output layer 'fc'"):
         models.freeze(models.build("resnet18", 3), ["fc"])
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from components import models
 from components.augment import augment
-from components.config import UnfreezeStep
+from components.config import ConfigError, UnfreezeStep
 from components.data import prepare
 from components.demo_zoo import export_digits
 from components.fetch_pretrained import fetch
@@ -42,7 +42,7 @@ def test_freeze_until_freezes_everything_before_the_named_module(arch, until, fi
 
 
 def test_freeze_until_an_unknown_module_lists_the_choices():
-    with pytest.raises(models.WeightsError, match=r"finetune.freeze_until: no module 'layer9'; .*layer3"):
+    with pytest.raises(ConfigError, match=r"finetune.freeze_until: no module 'layer9'; .*layer3"):
         Trainer(models.build("resnet18", 3), finetune_cfg(freeze_until="layer9"))
 
 
@@ -159,5 +159,5 @@ def test_reinit_resets_only_the_named_modules_with_the_architectures_own_init():
     assert torch.all(state["layer3.1.conv2.weight"] == 0.5) and torch.all(state["fc.weight"] == 0.5)
     assert state["layer4.0.bn1.weight"].eq(1).all()  # torchvision's BatchNorm init: weight 1, bias 0
     assert state["layer4.1.conv2.weight"].std() > 0.01  # kaiming-initialised, not 0.5 everywhere
-    with pytest.raises(models.WeightsError, match=r"finetune.reinit: pattern 'layer7' matches no module"):
+    with pytest.raises(ConfigError, match=r"finetune.reinit: pattern 'layer7' matches no module"):
         models.reinit(model, "resnet18", ["layer7"])

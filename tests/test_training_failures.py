@@ -12,7 +12,6 @@ import torch
 from components.atomic import write_json
 from components.config import ConfigError, UnfreezeStep, load_params
 from components.finetune import TrainingError, finetune
-from components.models import WeightsError
 from helpers import ROOT, finetune_cfg
 
 
@@ -53,7 +52,7 @@ def test_a_truncated_checkpoint_is_set_aside_named_and_the_run_starts_afresh(art
 
 def test_a_typo_in_unfreeze_fails_before_the_first_epoch(artifacts):
     epochs = []
-    with pytest.raises(WeightsError, match=r"finetune.unfreeze: pattern 'layer5' matches no module"):
+    with pytest.raises(ConfigError, match=r"finetune.unfreeze: pattern 'layer5' matches no module"):
         finetune(artifacts / "data", artifacts / "aug", artifacts / "pre", artifacts / "model",
                  finetune_cfg(batch_size=16, max_epochs=3, freeze=["layer4"],
                               unfreeze=[UnfreezeStep(epoch=2, modules=["layer5"])]),

@@ -1,0 +1,171 @@
+"""DAST: the registered model served by a real `mlflow models serve` on loopback, sent hostile requests.
+
+Every hostile request must get a 4xx naming what was wrong within TIME_LIMIT_S, the server must
+still answer good requests afterwards, and its peak memory must stay under PEAK_RSS_LIMIT.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from components import serving
+from components.dataset import read_split
+from helpers import free_port
+
+TIME_LIMIT_S = 20
+PEAK_RSS_LIMIT = 3 * 2**30  # all processes of the server together; about 0.9 GB at rest here
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares a huge greyscale canvas (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+            + chunk(b"IEND", b""))
+
+
+def _body(rows: list[bytes], columns=("image",)) -> bytes:
+    data = [[base64.b64encode(r).decode()] * len(columns) for r in rows]
+    return json.dumps({"dataframe_split": {"columns": list(columns), "data": data}}).encode()
+
+
+def _post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, str, float]:
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": content_type})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=TIME_LIMIT_S * 3) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read().decode()
+    return status, text, time.perf_counter() - start
+
+
+def _session_peak_rss(sid: int) -> int:
+    """Sum of the peak resident memory (VmHWM) of every live process in session `sid`."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(pid)) != sid:
+                continue
+            status = Path(f"/proc/{pid}/status").read_text()
+        except (OSError, ProcessLookupError):
+            continue
+        total += next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM"))
+    return total
+
+
+@pytest.fixture
+def served(trained, tmp_path):
+    """The fine-tuned model registered as the pipeline registers it, served on loopback."""
+    from local_stack import stop
+
+    store = f"sqlite:///{tmp_path / 'serve.db'}"
+    mlflow.set_tracking_uri(store)
+    examples = [p for p, _ in read_split(trained / "data", "test")][:2]
+    with mlflow.start_run():
+        info = serving.log_model(trained / "model" / "model.pt", examples)
+    version = mlflow.register_model(info.model_uri, "dast").version
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/dast/{version}", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # uvicorn
+             "MLFLOW_TRACKING_URI": store, "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(TIME_LIMIT_S)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield url, proc, examples
+    finally:
+        stop(proc.pid)
+        proc.wait()
+
+
+def test_hostile_requests_get_a_clear_4xx_in_time_and_the_server_lives_in_bounded_memory(served):
+    url, proc, examples = served
+    good = _body([p.read_bytes() for p in examples])
+    status, text, _ = _post(url, good)
+    assert status == 200, text
+    labels = [row["label"] for row in json.loads(text)["predictions"]]
+    assert len(labels) == 2
+
+    tiny = _png(Image.new("RGB", (8, 8), (200, 10, 10)))
+    photo = _png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    big = _png(Image.new("L", (6000, 6000)))  # 36 Mpx of zeros: ~100 kB encoded, 108 MB decoded as RGB
+    hostile = {
+        "not an image": (_body([b"hello, I am not an image"]), "image 0: not a recognised image format"),
+        "text in a pdf's clothes": (_body([tiny, b"%PDF-1.4 nothing"]), "image 1: not a recognised image format"),
+        "truncated image": (_body([photo[: len(photo) // 2]]), "image 0: truncated or corrupt image data"),
+        "decompression bomb": (_body([_png_declaring(50_000, 50_000)]), "image 0: decompression bomb"),
+        "bomb under Pillow's limit": (_body([_png(Image.new("L", (8000, 6000)))]),
+                                      f"image 0: 8000x6000 pixels; at most {serving.MAX_IMAGE_PIXELS}"),
+        "many large images": (_body([big] * 6), f"at most {serving.MAX_REQUEST_PIXELS}"),
+        "50 MB body": (_body([os.urandom(38 * 2**20)]), f"at most {serving.MAX_REQUEST_BYTES}"),
+        "wrong column": (_body([tiny], columns=("img",)), "image"),
+        "number, not bytes": (json.dumps({"dataframe_split": {"columns": ["image"], "data": [[7]]}}).encode(), ""),
+        "thousands of rows": (_body([tiny] * 5000), f"5000 images in one request; at most {serving.MAX_ROWS}"),
+        "empty request": (_body([]), ""),
+        "not JSON": (b"{" * 100_000, ""),
+    }
+    answers = {}
+    for kind, (body, expected) in hostile.items():
+        status, text, seconds = _post(url, body)
+        answers[kind] = (status, seconds, text[:300])
+        assert 400 <= status < 500, f"{kind}: {status} {text[:500]}"
+        assert expected in text, f"{kind}: {text[:500]}"
+        assert seconds < TIME_LIMIT_S, f"{kind}: answered in {seconds:.1f} s"
+        assert proc.poll() is None, f"server died on: {kind}"
+    status, text, _ = _post(url, tiny, content_type="image/png")
+    assert status == 415, text
+
+    status, text, _ = _post(url, good)  # still serving, and still the same answers
+    assert status == 200 and [row["label"] for row in json.loads(text)["predictions"]] == labels
+    peak = _session_peak_rss(os.getsid(proc.pid))
+    print(f"peak RSS {peak / 2**20:.0f} MiB; "
+          + "; ".join(f"{k}: {s} in {t:.2f} s" for k, (s, t, _) in answers.items()))
+    assert 0 < peak < PEAK_RSS_LIMIT
+
+
+def test_limits_apply_in_process_too():
+    """The pyfunc itself refuses what is over a limit before decoding a pixel (no server needed)."""
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="decompression bomb"):
+        serving._rows([_png_declaring(50_000, 50_000)])
+    with pytest.raises(MlflowException, match="image 1: 7000x7000 pixels"):
+        serving._rows([_png(Image.new("L", (4, 4))), _png_declaring(7000, 7000)])
+    values = [_png(Image.new("RGB", (4000, 3000)))] * 9  # 12 Mpx each, 108 Mpx in all
+    chunks = [indices for indices, _ in serving._chunks(serving._rows(values))]
+    assert chunks == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]  # CHUNK_PIXELS = 50 Mpx decoded at a time
