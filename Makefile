@@ -6,7 +6,7 @@ PLOTS  := .dvc/plots/offline.html
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup venv lock run run-local demo-inputs generate init test ui screenshot stack stack-down image run-container \
-	sbom audit reliability bench-transfer clean
+	sbom audit reliability bench-transfer bench-speed clean
 
 setup: venv $(PLOTS)
 
@@ -81,6 +81,9 @@ audit: setup                   ## known vulnerabilities in requirements.lock (sa
 
 reliability: setup            ## bad inputs and injected faults per step -> the README's reliability table
 	python benchmarks/reliability.py
+
+bench-speed: setup            ## the fine-tune step against the tutorial recipe and the training step's bound
+	python benchmarks/finetune_speed.py
 
 bench-transfer: setup          ## zoo checkpoint vs random initialisation on the default task
 	python benchmarks/transfer.py

@@ -17,7 +17,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune-pipeline")
 
 
-def _sweep(out: Path) -> None:
+def sweep(out: Path) -> None:
     """Remove the temporaries beside `out` of writers that were killed (the writer's process id is
     in the name, and no such process runs here any more), so a kill leaves no lasting debris."""
     for old in out.parent.glob(f".{out.name}.tmp-*-*"):
@@ -37,7 +37,7 @@ def atomic_dir(out: str | os.PathLike):
     """Yield an empty temporary folder beside `out`; on success it replaces `out`, on error it goes."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _sweep(out)
+    sweep(out)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     except OSError as err:  # a read-only or full disk: name the output, not the temporary
@@ -67,7 +67,7 @@ def atomic_file(out: str | os.PathLike):
     """Yield a temporary path beside `out`; on success it is renamed to `out`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _sweep(out)
+    sweep(out)
     try:
         fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)
     except OSError as err:

@@ -122,6 +122,10 @@ class FinetuneConfig(Section):
     min_delta: float = Field(ge=0.0)
     seed: int
     num_workers: int = Field(ge=0)
+    precision: Literal["auto", "fp32", "bf16"]  # auto: what is fastest on this machine (finetune.precision)
+    channels_last: bool             # NHWC memory layout for convolutions
+    prefix_cache: bool              # frozen-prefix features computed once (components/prefix_cache.py)
+    prefix_copies: int = Field(ge=1)  # augmented copies of the training split's prefix features
 
     @model_validator(mode="after")
     def _warmup_fits(self):

@@ -222,4 +222,5 @@ def test_kfp_local_run_registers_only_when_the_gate_passes(tmp_path, mlflow_serv
     dataset = run.inputs.dataset_inputs[0].dataset  # the data of tag v1: three classes, not v2's four
     assert run.data.tags["data_source"] == f"{repo}@v1:digits" and dataset.digest.endswith(".dir")
     assert run.data.tags["data_fingerprint"] == dataset.digest == version.tags["data_fingerprint"]
-    assert run.data.metrics["test_recall_7"] > 0 and "test_recall_8" not in run.data.metrics
+    # the classes of v1 are measured, not v2's (whether a 2-epoch 16-pixel model already recalls a 7 is luck)
+    assert "test_recall_7" in run.data.metrics and "test_recall_8" not in run.data.metrics
