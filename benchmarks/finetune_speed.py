@@ -192,13 +192,9 @@ def baseline_main(args) -> None:
     parent, _, leaf = head.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     setattr(owner, leaf, nn.Linear(getattr(owner, leaf).in_features, len(classes)))
-    trainable = False
-    for name, module in model.named_children() if args.arch.startswith("resnet") else \
-            [(f"features.{n}", m) for n, m in model.features.named_children()] + \
-            [(n, m) for n, m in model.named_children() if n != "features"]:
-        trainable = trainable or name == args.frozen
-        for p in module.parameters():
-            p.requires_grad = trainable
+    frozen = tuple(f"{name}." for name in models.modules_before(model, args.frozen))  # the same layers as ours
+    for name, p in model.named_parameters():
+        p.requires_grad = not name.startswith(frozen)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     epoch_s, acc = [], 0.0

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import torch
 import yaml
@@ -208,7 +209,7 @@ def kills(work: Work) -> None:
     got = _kill_when(work, "finetune", lambda: ckpt.exists() and json.loads(ckpt.read_text())["epoch"] >= 2)
     r = work.run("finetune")
     resumed = json.loads((h / "model" / "history.json").read_text())
-    same = [row_["val_loss"] for row_ in resumed] == [row_["val_loss"] for row_ in history]
+    same = [r["val_loss"] for r in resumed] == [r["val_loss"] for r in history]
     row("kill", f"SIGKILL finetune after epoch 2 ({got['killed_after_s']} s in), then rerun", r,
         f"resumed from the checkpoint; validation losses identical to an uninterrupted run: {same}")
     got = _kill_when(work, "finetune", lambda: ckpt.exists() and json.loads(ckpt.read_text())["epoch"] >= 2)
@@ -224,8 +225,6 @@ def kills(work: Work) -> None:
     row("kill", f"SIGKILL validate while it writes ({got['killed_after_s']} s in), then rerun", r,
         f"temporaries after the rerun: {len(work.debris())}")
     lock = "reliability--promotion-lock"
-    import mlflow
-
     client = mlflow.MlflowClient(work.env["MLFLOW_TRACKING_URI"])
 
     def holds_lock() -> bool:
@@ -261,8 +260,6 @@ def disks(work: Work) -> None:
         row("fault", "read-only output", {"exit": None}, "skipped: mounting a tmpfs needs root")
         return
     try:
-        import mlflow
-
         client = mlflow.MlflowClient(work.env["MLFLOW_TRACKING_URI"])
         before = len(client.search_model_versions("name = 'reliability'"))
         work.run("validate", out=h / "val-b", model=h / "model-1", finetune__seed=1)
@@ -278,15 +275,13 @@ def concurrent(work: Work) -> None:
     """Two registers at once, for two different validated runs, against SQLite and a server."""
     from local_stack import free_port, start_mlflow, stop
 
-    import mlflow
-
     h = work.home
-    stores = [("SQLite", work.env["MLFLOW_TRACKING_URI"], None)]
     port = free_port()
-    server = start_mlflow(h / "server", port) if (h / "server").mkdir() is None else None
-    stores.append(("an MLflow server", f"http://127.0.0.1:{port}", server))
+    (h / "server").mkdir()
+    server = start_mlflow(h / "server", port)
+    stores = [("SQLite", work.env["MLFLOW_TRACKING_URI"]), ("an MLflow server", f"http://127.0.0.1:{port}")]
     try:
-        for name, uri, _ in stores:
+        for name, uri in stores:
             env = {**work.env, "MLFLOW_TRACKING_URI": uri}
             model = f"concurrent-{'sqlite' if name == 'SQLite' else 'server'}"
             for seed in (1, 2):
@@ -306,8 +301,7 @@ def concurrent(work: Work) -> None:
                 {"exit": max(codes), "seconds": seconds, "stdout": " / ".join(p.stdout.read().strip() for p in procs)},
                 f"versions: {len(versions)}; champion: version {champion}")
     finally:
-        if server:
-            stop(server.pid)
+        stop(server.pid)
 
 
 def main() -> int:
