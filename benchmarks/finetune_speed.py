@@ -239,7 +239,7 @@ def bound(arch: str, frozen: str, batch: int, threads: int, classes: int) -> dic
     from torch import nn
 
     from components import models
-    from components.finetune import precision
+    from components.distributed import precision
 
     torch.set_num_threads(threads)
     model = models.build(arch, classes)
@@ -248,7 +248,7 @@ def bound(arch: str, frozen: str, batch: int, threads: int, classes: int) -> dic
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (batch,))
-    bf16 = precision("auto") == "bf16"
+    bf16 = precision("auto", "cpu") == "bf16"
 
     def step():
         opt.zero_grad()

@@ -47,6 +47,11 @@ def train_transform(policy: AugmentConfig, normalize: bool = True) -> v2.Compose
     return v2.Compose([v2.ToImage(), *_augmentations(policy), *_to_float(policy, normalize)])
 
 
+def device_transform(policy: AugmentConfig) -> v2.Compose:
+    """uint8 image tensor (C, H, W) on any device, a GPU's included -> what train_transform makes of it."""
+    return v2.Compose([*_augmentations(policy), *_to_float(policy, True)])
+
+
 def eval_transform(policy: AugmentConfig, normalize: bool = True) -> v2.Compose:
     """PIL RGB image -> resized, centre-cropped float tensor (C, H, W); no randomness."""
     return v2.Compose([v2.ToImage(), v2.Resize(policy.image_size, antialias=True), v2.CenterCrop(policy.image_size),

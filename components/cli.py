@@ -23,6 +23,8 @@ CODES = (("ConfigError", 2), ("DataError", 3), ("SourceError", 3), ("DatasetErro
 
 def exit_code(err: BaseException) -> int | None:
     """The exit code of an expected failure, None for a bug."""
+    if isinstance(getattr(err, "exit_code", None), int):  # a failure passed on with its code (a process's)
+        return err.exit_code
     names = {cls.__name__ for cls in type(err).__mro__}
     return next((code for name, code in CODES if name in names), None)
 

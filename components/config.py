@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -122,7 +122,10 @@ class FinetuneConfig(Section):
     min_delta: float = Field(ge=0.0)
     seed: int
     num_workers: int = Field(ge=0)
-    precision: Literal["auto", "fp32", "bf16"]  # auto: what is fastest on this machine (finetune.precision)
+    devices: Literal["auto"] | Annotated[int, Field(ge=1)]  # data-parallel processes per node (distributed.py)
+    precision: Literal["auto", "fp32", "bf16", "fp16"]  # auto: the fastest this device has (distributed.precision)
+    compile: bool                   # torch.compile the trained layers
+    gpu_augment: bool               # on a GPU, augment there (CPU loader workers only decode)
     channels_last: bool             # NHWC memory layout for convolutions
     prefix_cache: bool              # frozen-prefix features computed once (components/prefix_cache.py)
     prefix_copies: int = Field(ge=1)  # augmented copies of the training split's prefix features

@@ -125,7 +125,7 @@ def compute(prefix: nn.Module, loader, folder: Path, name: str, prepare, autocas
             f = prefix(prepare(x)).float()
         if store is None:
             store = Features(folder, name, len(loader.dataset), tuple(f.shape[1:]))
-        store.x[at:at + len(y)] = f.numpy().astype(np.float16)
+        store.x[at:at + len(y)] = f.cpu().numpy().astype(np.float16)
         store.y[at:at + len(y)] = y.numpy()
         at += len(y)
     store.x.flush()
@@ -135,9 +135,9 @@ def compute(prefix: nn.Module, loader, folder: Path, name: str, prepare, autocas
 class PrefixCache:
     """Validation features once, training features per augmented copy, computed when first needed."""
 
-    def __init__(self, prefix: nn.Module, train_dataset, val_loader, cfg, prepare, autocast,
+    def __init__(self, prefix: nn.Module, train_loader, val_loader, cfg, prepare, autocast,
                  workdir: str | None = None):
-        self.prefix, self.train_dataset, self.cfg = prefix, train_dataset, cfg
+        self.prefix, self.train_loader, self.cfg = prefix, train_loader, cfg
         self.prepare, self.autocast = prepare, autocast
         base = Path(workdir or tempfile.gettempdir())
         base.mkdir(parents=True, exist_ok=True)
@@ -152,9 +152,10 @@ class PrefixCache:
         if k not in self.copies:
             # Each copy's augmentation from its own seed: the same features however the run got here.
             generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + k)
-            loader = torch.utils.data.DataLoader(self.train_dataset, batch_size=self.cfg.batch_size,
+            loader = torch.utils.data.DataLoader(self.train_loader.dataset, batch_size=self.cfg.batch_size,
                                                  shuffle=False, num_workers=self.cfg.num_workers,
-                                                 generator=generator)
+                                                 generator=generator, collate_fn=self.train_loader.collate_fn,
+                                                 pin_memory=self.train_loader.pin_memory)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.cfg.seed * 1000 + k)
                 self.copies[k] = compute(self.prefix, loader, self.folder, f"train-{k}", self.prepare, self.autocast)

@@ -97,16 +97,17 @@ def fetch_pretrained_op(pretrained: dict, pretrained_uri: str, pretrained_versio
 def finetune_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input[Model], finetune: dict,
                 tracking: dict, pipeline_run_id: str, model: Output[Model], metrics: Output[Metrics],
                 curves: Output[HTML]):
-    """Fine-tune with frozen layers and early stopping on validation loss, as a live MLflow run."""
+    """Fine-tune with frozen layers and early stopping on validation loss, as a live MLflow run: in one
+    process per GPU when the task has several (finetune.devices: auto)."""
     from pathlib import Path
 
     from components import finetune as step
     from components.config import FinetuneConfig, TrackingConfig, parse_section
     from pipelines.views import png_html
 
-    summary = step.run(dataset.path, policy.path, weights.path, model.path,
-                       parse_section(FinetuneConfig, finetune, "finetune"),
-                       parse_section(TrackingConfig, tracking, "tracking"), "kfp", pipeline_run_id)
+    summary = step.run_data_parallel(dataset.path, policy.path, weights.path, model.path,
+                                     parse_section(FinetuneConfig, finetune, "finetune"),
+                                     parse_section(TrackingConfig, tracking, "tracking"), "kfp", pipeline_run_id)
     model.metadata.update({"arch": summary["arch"], "best_epoch": summary["best_epoch"],
                            "mlflow_run_id": summary["run_id"]})
     for key in ("best_epoch", "epochs_run", "best_val_loss", "best_val_accuracy"):

@@ -89,6 +89,10 @@ def save_checkpoint(path: Path, arch: str, class_names: list[str], seed: int = 0
 
 
 POLICY = {"image_size": 16, "resize_scale": (0.9, 1.0), "hflip": 0.0, "preview_images": 2}
+# A policy without randomness (the whole 16x16 image, no flip, rotation or jitter): runs that draw their
+# random numbers differently (a prefix cache, processes sharing a batch) still see the same images.
+STILL = {"image_size": 16, "resize_scale": (1.0, 1.0), "resize_ratio": (1.0, 1.0), "hflip": 0.0, "rotation": 0.0,
+         "brightness": 0.0, "contrast": 0.0, "preview_images": 2}
 
 
 def _run(cmd, cwd, env) -> str:

@@ -1,19 +1,20 @@
 """The fine-tune's speed levers (finetune.precision, channels_last, prefix_cache): each one changes
 results only within its stated tolerance, and the frozen-prefix cache caches only what it may."""
 
+import json
+import shutil
+
 import pytest
 import torch
 
 from components import models, prefix_cache
+from components.config import ConfigError
 from components.augment import augment
 from components.dataset import read_split
-from components.finetune import finetune, precision
-from helpers import finetune_cfg, policy_cfg
+from components.distributed import precision
+from components.finetune import finetune
+from helpers import STILL, finetune_cfg, policy_cfg
 
-# A policy without randomness (the whole 16x16 image, no flip, rotation or jitter): a run with the
-# prefix cache then sees exactly the images a run without it sees, in the same order.
-STILL = {"image_size": 16, "resize_scale": (1.0, 1.0), "resize_ratio": (1.0, 1.0), "hflip": 0.0, "rotation": 0.0,
-         "brightness": 0.0, "contrast": 0.0, "preview_images": 2}
 
 
 def _split(arch: str, freeze_until: str, unfreeze=(), size: int = 64):
@@ -104,10 +105,12 @@ def test_bf16_training_stays_within_its_tolerance(artifacts, tmp_path):
 
 
 def test_auto_precision_is_bf16_only_where_it_pays():
-    assert precision("fp32") == "fp32" and precision("bf16") == "bf16"
-    assert precision("auto", cpuinfo="flags: fpu avx512f avx512_bf16 amx_bf16 amx_tile") == "bf16"
-    assert precision("auto", cpuinfo="flags: fpu avx512f avx512_bf16") == "fp32"  # measured slower there
-    assert precision("auto", cpuinfo="") == "fp32"
+    assert precision("fp32", "cpu") == "fp32" and precision("bf16", "cpu") == "bf16"
+    assert precision("auto", "cpu", cpuinfo="flags: fpu avx512f avx512_bf16 amx_bf16 amx_tile") == "bf16"
+    assert precision("auto", "cpu", cpuinfo="flags: fpu avx512f avx512_bf16") == "fp32"  # measured slower there
+    assert precision("auto", "cpu", cpuinfo="") == "fp32"
+    with pytest.raises(ConfigError, match="finetune.precision: fp16 needs a CUDA device"):
+        precision("fp16", "cpu")
 
 
 def test_the_feature_files_are_memory_mapped_on_disk_and_removed_after_training(artifacts, tmp_path, monkeypatch):
@@ -126,3 +129,36 @@ def test_the_feature_files_are_memory_mapped_on_disk_and_removed_after_training(
     assert all(kind == "memmap" and existed for _, kind, existed in seen)
     assert all(p.parent.parent == tmp_path / "ckpt" for p, _, _ in seen)  # beside the checkpoints, not in memory
     assert not any(p.exists() for p, _, _ in seen)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["whole-model", "cached-prefix"])
+def test_augmenting_on_the_device_trains_on_the_images_the_loader_would_make(artifacts, cached):
+    """finetune.gpu_augment: the loader only decodes and each batch is augmented where the model is. On a
+    GPU that is the GPU; here the same code runs on the CPU, so the random draws, and the training, are
+    exactly those of augmenting in the loader."""
+    from components.augment import device_transform, load_policy
+    from components.finetune import fit, make_loaders
+
+    policy, names = load_policy(artifacts / "aug"), ["circle", "square", "triangle"]
+    cfg = finetune_cfg(batch_size=16, max_epochs=2, freeze_until="layer3", reinit=[], prefix_cache=cached)
+    runs = []
+    for on_device in (False, True):
+        torch.manual_seed(0)
+        model = models.build("resnet18", 3)
+        train, val = make_loaders(artifacts / "data", policy, cfg, names, augment_on_device=on_device)
+        assert isinstance(next(iter(train))[0], list) == on_device  # the loader left augmentation undone
+        runs.append(fit(model, train, val, cfg, augment=device_transform(policy) if on_device else None))
+    (state_a, hist_a), (state_b, hist_b) = runs
+    assert [r["train_loss"] for r in hist_b] == pytest.approx([r["train_loss"] for r in hist_a], rel=1e-6)
+    assert torch.allclose(state_a["fc.weight"], state_b["fc.weight"], atol=1e-6)
+
+
+@pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile's CPU code generation needs a C++ compiler")
+def test_compile_changes_results_only_by_float_rounding_and_reports_its_compile_time(artifacts, tmp_path):
+    augment(artifacts / "data", tmp_path / "still", policy_cfg(**STILL))
+    a, _ = _train(artifacts, tmp_path, "eager")
+    b, _ = _train(artifacts, tmp_path, "compiled", compile=True)
+    assert [r["val_loss"] for r in b] == pytest.approx([r["val_loss"] for r in a], rel=1e-4)
+    summary = json.loads((tmp_path / "compiled" / "summary.json").read_text())
+    assert summary["compile_seconds"] > 0 and "compile_seconds" in b[0]  # apart from the epochs, and in MLflow
+    assert json.loads((tmp_path / "eager" / "summary.json").read_text())["compile_seconds"] is None

@@ -1,0 +1,126 @@
+"""Data-parallel fine-tuning (finetune.devices): two CPU processes (gloo) started as torchrun starts them
+train the model a single process trains, and only rank 0 writes files or talks to MLflow.
+
+A real run of `python -m components.finetune` each time. What every process opens for writing is
+recorded by an audit hook (sitecustomize.py on PYTHONPATH: Python's own `open` audit events), which is
+how the test sees that rank 1 wrote nothing but its own frozen-layer features."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from components.augment import augment
+from helpers import PLAIN_TRAINING, ROOT, STILL, policy_cfg
+
+SPY = '''
+import os, sys
+if os.environ.get("WRITES_LOG"):
+    _log = open(os.path.join(os.environ["WRITES_LOG"], f"{os.environ.get('RANK', 'launcher')}-{os.getpid()}"), "a",
+                buffering=1)
+    def _writes(event, args):
+        if event == "open" and not isinstance(args[0], int):
+            mode, flags = args[1] or "", args[2] or 0
+            if any(c in mode for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR):
+                _log.write(os.fsdecode(args[0]) + "\\n")
+        elif event in ("os.rename", "os.replace"):
+            _log.write(os.fsdecode(args[1]) + "\\n")
+        elif event == "sqlite3.connect":
+            _log.write(f"sqlite:{args[0]}\\n")
+    sys.addaudithook(_writes)
+'''
+
+# Trained at first: the output layer only; from epoch 2 also layer4.1's second convolution (its BatchNorm
+# stays frozen): no BatchNorm in training mode, whose batch statistics would differ between one batch
+# and two halves of it, and an unfreeze after DDP has wrapped the module.
+SETTINGS = {**PLAIN_TRAINING, "freeze_until": "fc", "unfreeze": [{"epoch": 2, "modules": ["layer4.1.conv2"]}],
+            "batch_size": 16, "max_epochs": 3, "patience": 3, "lr": 0.01, "channels_last": True}
+
+
+def _run(artifacts: Path, tmp_path: Path, name: str, devices: int, policy: Path, expect: int = 0,
+         **changes) -> tuple[Path, dict]:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["finetune"].update(SETTINGS, devices=devices, checkpoint_dir=str(tmp_path / f"ckpt-{name}"), **changes)
+    raw["tracking"].update(experiment=f"dp-{name}", system_metrics=False)
+    params = tmp_path / f"params-{name}.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    spy, writes = tmp_path / "spy", tmp_path / f"writes-{name}"
+    spy.mkdir(exist_ok=True)
+    writes.mkdir()
+    (spy / "sitecustomize.py").write_text(SPY)
+    out = tmp_path / f"model-{name}"
+    env = {**os.environ, "PYTHONPATH": str(spy), "WRITES_LOG": str(writes)}
+    proc = subprocess.run([sys.executable, "-m", "components.finetune", "--params", str(params),
+                           "--dataset", str(artifacts / "data"), "--policy", str(policy),
+                           "--weights", str(artifacts / "pre"), "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    if expect:
+        return out, proc.stderr
+    return out, {f.name.split("-")[0]: f.read_text().split() for f in writes.iterdir()}
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False], ids=["cached-prefix", "whole-model"])
+def test_two_gloo_processes_train_what_one_process_trains_and_only_rank_0_writes(artifacts, tmp_path, prefix_cache):
+    # With the cache, every process computes the same augmented features; without it, each augments
+    # only its share of a batch: a policy without randomness keeps the images the same.
+    policy = artifacts / "aug"
+    if not prefix_cache:
+        policy = augment(artifacts / "data", tmp_path / "still", policy_cfg(**STILL))
+    one, _ = _run(artifacts, tmp_path, "one", 1, policy, prefix_cache=prefix_cache)
+    two, writes = _run(artifacts, tmp_path, "two", 2, policy, prefix_cache=prefix_cache)
+
+    # The same result within float tolerance: each process's half of every batch, gradients averaged.
+    h1, h2 = (json.loads((d / "history.json").read_text()) for d in (one, two))
+    assert [r["val_loss"] for r in h2] == pytest.approx([r["val_loss"] for r in h1], rel=1e-4)
+    assert [r["train_loss"] for r in h2] == pytest.approx([r["train_loss"] for r in h1], rel=1e-4)
+    w1, w2 = (torch.load(d / "model.pt", weights_only=True)["state_dict"] for d in (one, two))
+    for key in ("fc.weight", "layer4.1.conv2.weight"):
+        assert torch.allclose(w1[key], w2[key], atol=1e-5), key
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["device"] == "cpu"
+
+    # Rank 0 wrote the model, the checkpoints and the MLflow run; rank 1 only its own feature files (if any).
+    assert set(writes) == {"launcher", "0", "1"}
+    assert any(p.startswith(str(two)) or "/.model-two.tmp-" in p for p in writes["0"])
+    assert any(p.startswith("sqlite:") for p in writes["0"])
+    stray = [p for p in writes["1"] if "/.prefix-cache.tmp-" not in p and p != "/dev/null"]
+    assert stray == [], stray
+    assert not [p for p in writes["launcher"] if p.startswith("sqlite:") or str(two) in p]
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("dp-two").experiment_id])
+    assert len(runs) == 1
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [1, 2, 3]
+
+
+def test_a_process_that_fails_stops_the_others_and_the_step_exits_with_its_code(artifacts, tmp_path):
+    out, stderr = _run(artifacts, tmp_path, "diverged", 2, artifacts / "aug", expect=5, lr=1e12)
+    assert "training diverged; nothing is written as the model" in stderr
+    assert re.search(r"finetune: error: data-parallel process [01] of 2 exited with 5 \(its error is above\)",
+                     stderr)
+    assert "Traceback" not in stderr and not out.exists()
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("dp-diverged").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status in ("FAILED", "KILLED")  # failed, or stopped as rank 1 failed
+
+
+def test_auto_devices_is_one_process_per_visible_gpu_and_one_on_a_cpu(monkeypatch):
+    # No GPU on this machine: torch's CUDA queries are replaced to stand for a pod with 4 (a mock, by need).
+    from components import distributed
+    from helpers import finetune_cfg
+
+    assert distributed.processes_per_node(finetune_cfg(devices="auto")) == 1
+    assert distributed.processes_per_node(finetune_cfg(devices=2)) == 2  # CPU processes on request (as above)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert distributed.processes_per_node(finetune_cfg(devices="auto")) == 4
+    with pytest.raises(distributed.ConfigError, match="finetune.devices: 8 processes asked for, 4 GPUs visible"):
+        distributed.processes_per_node(finetune_cfg(devices=8))
