@@ -1,10 +1,12 @@
-"""python -m pipelines generate | run-local | init | upload | run | schedule | schedules | pause | resume | delete
+"""python -m pipelines generate | run-local | init | trainjob | upload | run | schedule | schedules | pause | resume
+                      | delete
 
-    generate    write dvc.yaml and pipelines/finetune_pipeline.yaml from pipelines/dag.py and params.yaml
-                (tests fail when either is stale)
+    generate    write dvc.yaml, pipelines/finetune_pipeline.yaml and infra/k8s/trainjob/trainjob.yaml from
+                pipelines/dag.py and params.yaml (tests fail when any is stale)
     run-local   run the whole Kubeflow DAG on this machine through kfp.local; lightweight components run
                 as subprocesses in this Python environment and log to the same MLflow store as DVC
     init        turn the demo into your project: your images, your pretrained weights (pipelines/own_data.py)
+    trainjob    print the fine-tune step as a Kubeflow Trainer TrainJob across nodes (pipelines/trainjob.py)
     upload, run, schedule, schedules, pause, resume, delete
                 the pipeline on a Kubeflow Pipelines server (pipelines/cluster.py)
 """
@@ -13,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines import dvc_yaml
+from pipelines import dvc_yaml, trainjob
 from pipelines import finetune_pipeline as fp
 
 
@@ -23,6 +25,12 @@ def main(argv=None) -> int:
     gen = sub.add_parser("generate", help="write dvc.yaml and the compiled Kubeflow pipeline")
     gen.add_argument("--dvc-yaml", type=Path, default=dvc_yaml.DVC_YAML, help="where to write dvc.yaml")
     gen.add_argument("--compiled", type=Path, default=fp.COMPILED, help="where to write the Kubeflow YAML")
+    gen.add_argument("--trainjob", type=Path, default=trainjob.COMMITTED, help="where to write the TrainJob")
+    job = sub.add_parser("trainjob", help="print the fine-tune TrainJob (Kubeflow Trainer) for N nodes")
+    job.add_argument("--params", type=Path, default=fp.ROOT / "params.yaml", help="parameters file")
+    job.add_argument("--nodes", type=int, default=2, help="nodes, each with pipeline.finetune_gpus GPUs")
+    job.add_argument("--name", default="finetune", help="the TrainJob's name")
+    job.add_argument("--claim", default=trainjob.CLAIM, help="ReadWriteMany claim holding the work folder")
     local = sub.add_parser("run-local", help="run the DAG on this machine through kfp.local")
     local.add_argument("--params", type=Path, default=fp.ROOT / "params.yaml", help="parameters file")
     local.add_argument("--pipeline-root", type=Path, default=fp.ROOT / "local_outputs",
@@ -37,7 +45,15 @@ def main(argv=None) -> int:
     _cluster_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "generate":
-        print(f"generated {dvc_yaml.write(fp.PARAMS, args.dvc_yaml)} and {fp.compile_pipeline(args.compiled)}")
+        print(f"generated {dvc_yaml.write(fp.PARAMS, args.dvc_yaml)}, {fp.compile_pipeline(args.compiled)} and "
+              f"{trainjob.write(fp.PARAMS, args.trainjob)}")
+    elif args.command == "trainjob":
+        import yaml
+
+        from components.config import load_params
+
+        print(yaml.safe_dump(trainjob.manifest(load_params(args.params), args.nodes, args.name, args.claim),
+                             sort_keys=False), end="")
     elif args.command == "run-local":
         fp.run_local(args.params, args.pipeline_root)
     elif args.command == "init":

@@ -196,6 +196,8 @@ def _configure(task: dsl.PipelineTask, step: Step, pipeline) -> None:
             kubernetes.add_node_selector(task, label, value)
         for t in pipeline.gpu_tolerations:
             kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+        # one process per GPU (finetune.devices: auto): NCCL between them goes through /dev/shm, 64 MiB in a pod
+        kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory")
 
 
 def pipeline_parameters(params=PARAMS) -> dict[str, object]:

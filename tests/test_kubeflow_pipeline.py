@@ -160,6 +160,8 @@ def test_the_gpu_task_gets_gpus_a_node_selector_and_tolerations(params, tmp_path
     assert platform["exec-finetune-op"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
                                                             "effect": "NoSchedule"}]
     assert "nodeSelector" not in platform["exec-validate-op"]  # only the task that trains asks for GPUs
+    assert platform["exec-finetune-op"]["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm",
+                                                              "medium": "Memory"}]  # NCCL among its processes
 
 
 def test_a_task_without_settings_is_named_when_the_pipeline_is_built(params):
