@@ -74,6 +74,7 @@ def fabric_for(cfg: FinetuneConfig):
 
     device = accelerator()
     if launched():
+        _die_with_launcher()
         local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
         fabric = Fabric(accelerator=device, devices=local, num_nodes=world // local,
                         strategy="ddp" if world > 1 else "auto", precision=FABRIC_PRECISION[precision(
@@ -91,6 +92,20 @@ class ProcessFailed(RuntimeError):
         super().__init__(f"data-parallel process {rank} of {processes} exited with {exit_code} (its error is above); "
                          "the others were stopped")
         self.exit_code = exit_code
+
+
+def _die_with_launcher() -> None:
+    """Go when the launcher goes, even by SIGKILL: it starts each process in a session of its own, out
+    of reach of a signal to its process group, and an orphan would train on and write alone."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # it went before the line above
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def launch(processes: int, args: list[str]) -> None:

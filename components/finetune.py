@@ -329,8 +329,9 @@ def _prefix_cache(model, trainer: Trainer, train_loader, val_loader, cfg: Finetu
         fast.to(memory_format=torch.channels_last)
     cache = prefix_cache.PrefixCache(fast, train_loader, val_loader, cfg, prepare, autocast,
                                      workdir=cfg.checkpoint_dir or None)
-    _say(lead, f"finetune: frozen prefix {prefix_cache.describe(names)} computed once: validation, and "
-               f"{cfg.prefix_copies} augmented cop{'y' if cfg.prefix_copies == 1 else 'ies'} of the training split")
+    copies = f"{cfg.prefix_copies} augmented cop{'y' if cfg.prefix_copies == 1 else 'ies'}"
+    _say(lead, f"finetune: frozen prefix {prefix_cache.describe(names)} computed once: validation, and up to "
+               f"{copies} of the training split")
     return cache, suffix
 
 

@@ -92,11 +92,11 @@ def digits_inputs(tmp_path_factory):
     return t
 
 
-def _finetune_process(t, name: str, checkpoint_dir) -> subprocess.Popen:
+def _finetune_process(t, name: str, checkpoint_dir, devices: int = 1) -> subprocess.Popen:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["finetune"].update(max_epochs=5, patience=5, freeze_until="layer2", checkpoint_dir=str(checkpoint_dir),
                            unfreeze=[{"epoch": 3, "modules": ["layer1"], "lr": 0.003}], schedule="cosine",
-                           warmup_epochs=1)
+                           warmup_epochs=1, devices=devices)
     raw["tracking"]["system_metrics"] = False
     (t / f"{name}.yaml").write_text(yaml.safe_dump(raw))
     return subprocess.Popen([sys.executable, "-m", "components.finetune", "--params", str(t / f"{name}.yaml"),
@@ -105,14 +105,18 @@ def _finetune_process(t, name: str, checkpoint_dir) -> subprocess.Popen:
                             text=True, start_new_session=True)
 
 
-def test_run_killed_in_epoch_3_resumes_after_epoch_2_and_ends_with_identical_weights(digits_inputs):
+@pytest.mark.parametrize("devices", [1, 2], ids=["one-process", "two-processes"])
+def test_run_killed_in_epoch_3_resumes_after_epoch_2_and_ends_with_identical_weights(digits_inputs, devices):
+    # two processes: the launcher and both are killed (one process group), then all resume; the unfreezing
+    # at epoch 3 comes after the resume, so the model is wrapped for data parallel again then
     t = digits_inputs
-    straight = _finetune_process(t, "straight", t / "ckpt-straight")
+    straight_name, resumed_name = f"straight-{devices}", f"resumed-{devices}"
+    straight = _finetune_process(t, straight_name, t / f"ckpt-{straight_name}", devices)
     out, _ = straight.communicate(timeout=300)
     assert straight.returncode == 0, out
 
-    killed = _finetune_process(t, "resumed", t / "ckpt-resumed")
-    marker = t / "ckpt-resumed" / "last.json"
+    killed = _finetune_process(t, resumed_name, t / f"ckpt-{resumed_name}", devices)
+    marker = t / f"ckpt-{resumed_name}" / "last.json"
     deadline = time.time() + 240
     while not (marker.exists() and json.loads(marker.read_text())["epoch"] == 2):
         assert killed.poll() is None and time.time() < deadline, "never reached the end of epoch 2"
@@ -120,26 +124,26 @@ def test_run_killed_in_epoch_3_resumes_after_epoch_2_and_ends_with_identical_wei
     time.sleep(0.5)  # well into epoch 3
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
-    assert json.loads(marker.read_text())["epoch"] == 2 and not (t / "resumed").exists()
+    assert json.loads(marker.read_text())["epoch"] == 2 and not (t / resumed_name).exists()
 
-    resumed = _finetune_process(t, "resumed", t / "ckpt-resumed")
+    resumed = _finetune_process(t, resumed_name, t / f"ckpt-{resumed_name}", devices)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert "resuming after epoch 2" in out
 
-    a = torch.load(t / "straight" / "model.pt", weights_only=True)
-    b = torch.load(t / "resumed" / "model.pt", weights_only=True)
+    a = torch.load(t / straight_name / "model.pt", weights_only=True)
+    b = torch.load(t / resumed_name / "model.pt", weights_only=True)
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     untimed = [[{k: v for k, v in row.items() if k != "time"} for row in json.loads((t / name / "history.json")
                                                                                   .read_text())]
-               for name in ("straight", "resumed")]
+               for name in (straight_name, resumed_name)]
     assert untimed[0] == untimed[1]
     assert not marker.exists()  # a finished run leaves no checkpoint to resume by mistake
 
     # one MLflow run across the kill: epochs 1-2 before it, 3-5 after, FINISHED at the end
     client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    run_id = json.loads((t / "resumed" / "run.json").read_text())["run_id"]
+    run_id = json.loads((t / resumed_name / "run.json").read_text())["run_id"]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["last_finished_epoch"] == "5"
     steps = [m.step for m in client.get_metric_history(run_id, "val_loss")]
