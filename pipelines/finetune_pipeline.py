@@ -197,7 +197,7 @@ def _configure(task: dsl.PipelineTask, step: Step, pipeline) -> None:
         for t in pipeline.gpu_tolerations:
             kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
         # one process per GPU (finetune.devices: auto): NCCL between them goes through /dev/shm, 64 MiB in a pod
-        kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory")
+        kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory")  # nosec B108 - a pod's mount point
 
 
 def pipeline_parameters(params=PARAMS) -> dict[str, object]:

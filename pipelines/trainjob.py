@@ -53,7 +53,7 @@ def manifest(params, nodes: int = 2, name: str = "finetune", claim: str = CLAIM)
         "containers": [{"name": NODE,
                         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
                         "volumeMounts": [{"name": "work", "mountPath": WORK},
-                                         {"name": "dshm", "mountPath": "/dev/shm"}]}],
+                                         {"name": "dshm", "mountPath": "/dev/shm"}]}],  # nosec B108
     }
     if p.finetune_gpus:
         pod["nodeSelector"] = dict(p.gpu_node_selector)
