@@ -73,14 +73,13 @@ def fabric_for(cfg: FinetuneConfig):
     from lightning_fabric import Fabric
 
     device = accelerator()
+    where = dict(accelerator=device, precision=FABRIC_PRECISION[precision(cfg.precision, device)])
     if launched():
         _die_with_launcher()
-        local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
-        fabric = Fabric(accelerator=device, devices=local, num_nodes=world // local,
-                        strategy="ddp" if world > 1 else "auto", precision=FABRIC_PRECISION[precision(
-                            cfg.precision, device)])
+        local, world = local_processes(), int(os.environ["WORLD_SIZE"])
+        fabric = Fabric(devices=local, num_nodes=world // local, strategy="ddp" if world > 1 else "auto", **where)
     else:
-        fabric = Fabric(accelerator=device, devices=1, precision=FABRIC_PRECISION[precision(cfg.precision, device)])
+        fabric = Fabric(devices=1, **where)
     fabric.launch()
     return fabric
 

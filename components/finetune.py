@@ -9,7 +9,8 @@ epoch: a run killed mid-epoch resumes from the last finished epoch and ends with
 Writes model.pt (checkpoint-v1 with the best epoch's weights, the class names, the preprocessing
 and the configuration that produced it), history.json (one row per epoch), summary.json and
 training_curves.png. Run as the pipeline runs it (`run`), the fine-tune is a live MLflow run
-(components.tracking): parameters when it starts, each epoch's metrics when it ends.
+(components.tracking): parameters when it starts, each epoch's metrics when it ends. Device, precision
+and data-parallel processes (finetune.devices): components.distributed; `run_data_parallel` starts them.
 """
 
 from __future__ import annotations
@@ -293,9 +294,8 @@ def _prepare(fabric, cfg: FinetuneConfig, augment=None):
     """Input batch -> on the device (non-blocking from pinned memory), augmented there when the loader
     left it undone (a list of uint8 images), in channels_last when that is on."""
     def prepare(x):
-        if isinstance(x, list):
-            x = torch.stack([augment(fabric.to_device(image)) for image in x])
-        x = fabric.to_device(x)
+        x = torch.stack([augment(fabric.to_device(image)) for image in x]) if isinstance(x, list) \
+            else fabric.to_device(x)
         return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last and x.ndim == 4 else x
 
     return prepare
