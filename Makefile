@@ -5,10 +5,14 @@ STAMP  := $(VENV)/.requirements.sha256
 PLOTS  := .dvc/plots/offline.html
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup venv lock run run-local demo-inputs generate init test ui screenshot stack stack-down image run-container \
+.PHONY: setup system-packages venv lock run run-local demo-inputs generate init test ui screenshot stack stack-down image run-container \
 	sbom audit reliability bench-transfer bench-speed clean
 
 setup: venv $(PLOTS)
+
+# Chromium, npm, podman, runc, debootstrap from Debian: installed when missing (root), or named in one line.
+system-packages:
+	@bash infra/system_packages.sh
 
 # Idempotent: skipped when .venv was built from exactly this requirements-dev.lock and pyproject.toml.
 venv:
@@ -52,7 +56,7 @@ init: setup                    ## your own images: make init DATA=path/or/s3 WEI
 	@test -n "$(DATA)" -a -n "$(WEIGHTS)" || { echo "usage: make init DATA=<folder or s3://bucket/prefix> WEIGHTS=<pretrained URI> [ARCH=...] [NAME=...] [SHA256=...]"; exit 2; }
 	python -m pipelines init --data "$(DATA)" --weights "$(WEIGHTS)" $(if $(ARCH),--arch "$(ARCH)") $(if $(NAME),--name "$(NAME)") $(if $(SHA256),--sha256 "$(SHA256)")
 
-test: setup
+test: system-packages setup  ## the test suite (installs what it needs first: Debian packages, .venv)
 	python -m pytest
 
 ui: setup                      ## MLflow UI on the default local store

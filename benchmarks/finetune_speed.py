@@ -92,7 +92,8 @@ def prepare(work: Path, images: int, arch: str) -> dict:
     import torch
     import yaml
 
-    from components import models
+    from components.artifacts import checkpoint
+    from components.models import architectures as models
 
     raw = work / "photos"
     if not raw.exists():
@@ -106,7 +107,7 @@ def prepare(work: Path, images: int, arch: str) -> dict:
         torch.manual_seed(0)
         net = models.build(arch, 1000)
         _calibrate_batchnorm(net, raw)
-        torch.save({"format": models.CHECKPOINT_FORMAT, "arch": arch, "class_names": [str(i) for i in range(1000)],
+        torch.save({"format": checkpoint.FORMAT, "arch": arch, "class_names": [str(i) for i in range(1000)],
                     "state_dict": net.state_dict()}, zoo)
     params["pretrained"].update(uri=str(zoo), arch=arch, sha256="")
     params["tracking"].update(experiment="finetune-speed", system_metrics=False)
@@ -143,7 +144,9 @@ def run_ours(work: Path, setup: dict, arch: str, epochs: int, batch: int, frozen
     total = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
-    history = json.loads((out / "history.json").read_text())
+    from components.artifacts import model as model_artifact
+
+    history = model_artifact.read_history(out)
     rss = int(proc.stderr.rsplit("maxrss_kb=", 1)[1].split()[0]) * 1024
     return {"total_s": total, "val_accuracy": history[-1]["val_accuracy"], "peak_bytes": rss,
             "epoch_s": [b["time"] - a["time"] for a, b in zip(history, history[1:])]}
@@ -157,13 +160,13 @@ def baseline_main(args) -> None:
     from torch import nn
     from torchvision import transforms
 
-    from components import models
-    from components.dataset import read_report, read_split
+    from components.artifacts import dataset, weights
+    from components.models import architectures as models
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    classes = read_report(args.data)["classes"]
+    classes = dataset.read_report(args.data)["classes"]
     normalize = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     train_tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
                                    transforms.ToTensor(), normalize])
@@ -172,7 +175,7 @@ def baseline_main(args) -> None:
 
     class Files(torch.utils.data.Dataset):
         def __init__(self, split, tf):
-            self.items = [(p, classes.index(label)) for p, label in read_split(args.data, split)]
+            self.items = [(p, classes.index(label)) for p, label, _ in dataset.images(args.data, split)]
             self.tf = tf
 
         def __len__(self):
@@ -185,9 +188,8 @@ def baseline_main(args) -> None:
     train = torch.utils.data.DataLoader(Files("train", train_tf), batch_size=args.batch, shuffle=True,
                                         num_workers=2)
     val = torch.utils.data.DataLoader(Files("val", val_tf), batch_size=args.batch, num_workers=2)
-    ckpt = torch.load(args.weights, weights_only=True)
     model = torchvision.models.get_model(args.arch, weights=None, num_classes=1000)
-    model.load_state_dict(ckpt["state_dict"])
+    model.load_state_dict(weights.load(args.weights).state_dict)
     head = models.head_name(model)
     parent, _, leaf = head.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
@@ -221,7 +223,7 @@ def baseline_main(args) -> None:
 def run_baseline(work: Path, setup: dict, arch: str, epochs: int, batch: int, frozen: str, threads: int) -> dict:
     started = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb=%M", sys.executable, __file__, "--baseline-run",
-                           "--data", str(work / "data"), "--weights", str(work / f"pre-{arch}" / "weights.pt"),
+                           "--data", str(work / "data"), "--weights", str(work / f"pre-{arch}"),
                            "--arch", arch, "--frozen", frozen, "--epochs", str(epochs), "--batch", str(batch),
                            "--threads", str(threads)], env={**setup["env"], "OMP_NUM_THREADS": str(threads)},
                           capture_output=True, text=True)
@@ -238,8 +240,8 @@ def bound(arch: str, frozen: str, batch: int, threads: int, classes: int) -> dic
     import torch
     from torch import nn
 
-    from components import models
-    from components.distributed import precision
+    from components.models import architectures as models
+    from components.training.distributed import precision
 
     torch.set_num_threads(threads)
     model = models.build(arch, classes)
@@ -290,7 +292,7 @@ def main(argv=None) -> int:
 
     import yaml
 
-    from components.dataset import read_split
+    from components.artifacts import dataset
 
     changes = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     ours_name = "ours" + (f" ({', '.join(args.set)})" if args.set else "")
@@ -301,7 +303,7 @@ def main(argv=None) -> int:
     results = []
     for arch in args.archs:
         setup = prepare(work, args.images, arch)
-        n_train = len(read_split(work / "data", "train"))
+        n_train = len(dataset.images(work / "data", "train"))
         top = bound(arch, FROZEN[arch], args.batch, args.threads, 12)
         for epochs in args.epochs:
             runs = {"baseline": [], ours_name: []}

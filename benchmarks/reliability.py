@@ -29,7 +29,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "infra")]
 
-from components import models  # noqa: E402
+from components.artifacts import checkpoint, model as model_artifact  # noqa: E402
+from components.models import architectures as models  # noqa: E402
 
 SECRET = "Sig0123456789SECRET"
 ROWS: list[dict] = []
@@ -62,7 +63,7 @@ class Work:
         self.raw = _images(home / "raw")
         zoo = home / "zoo.pt"
         torch.manual_seed(0)
-        torch.save({"format": models.CHECKPOINT_FORMAT, "arch": "resnet18", "class_names": ["a", "b", "c", "d"],
+        torch.save({"format": checkpoint.FORMAT, "arch": "resnet18", "class_names": ["a", "b", "c", "d"],
                     "state_dict": models.build("resnet18", 4).state_dict()}, zoo)
         self.params = yaml.safe_load((ROOT / "params.yaml").read_text())
         self.params["data"].update(source=str(self.raw))
@@ -168,7 +169,7 @@ def bad_inputs(work: Work) -> None:
     r = work.run("fetch_pretrained", out=work.home / "pre-arch", pretrained__arch="resnet19")
     row("bad input", "pretrained.arch: resnet19", r, "")
     marker = work.home / "code-ran"
-    torch.save({"format": models.CHECKPOINT_FORMAT, "arch": "resnet18", "class_names": ["a"],
+    torch.save({"format": checkpoint.FORMAT, "arch": "resnet18", "class_names": ["a"],
                 "state_dict": {"x": _RunsCode(marker)}}, work.home / "evil.pt")
     r = work.run("fetch_pretrained", out=work.home / "pre-evil", pretrained__uri=str(work.home / "evil.pt"))
     row("bad input", "pretrained.uri: a checkpoint whose pickle runs a command", r,
@@ -195,7 +196,7 @@ def baseline(work: Work) -> dict:
 
 def kills(work: Work) -> None:
     h = work.home
-    history = json.loads((h / "model" / "history.json").read_text())
+    history = model_artifact.read_history(h / "model")
     for step, out in (("data", h / "data"), ("augment", h / "aug"), ("fetch_pretrained", h / "pre")):
         before = sorted(p.name for p in out.iterdir())
         got = _kill_when(work, step, lambda o=out: any(h.glob(f".{o.name}.tmp-*")))
@@ -208,7 +209,7 @@ def kills(work: Work) -> None:
     ckpt = h / "ckpt" / "last.json"
     got = _kill_when(work, "finetune", lambda: ckpt.exists() and json.loads(ckpt.read_text())["epoch"] >= 2)
     r = work.run("finetune")
-    resumed = json.loads((h / "model" / "history.json").read_text())
+    resumed = model_artifact.read_history(h / "model")
     same = [r["val_loss"] for r in resumed] == [r["val_loss"] for r in history]
     row("kill", f"SIGKILL finetune after epoch 2 ({got['killed_after_s']} s in), then rerun", r,
         f"resumed from the checkpoint; validation losses identical to an uninterrupted run: {same}")

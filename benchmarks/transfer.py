@@ -18,9 +18,6 @@ and transfer.png. Measures; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import shutil
 import sys
 import tempfile
 import time
@@ -29,37 +26,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from components.atomic import write_json  # noqa: E402
+from components.artifacts import dataset, model as model_artifact  # noqa: E402
 from components.augment import augment  # noqa: E402
 from components.config import load_params, override  # noqa: E402
 from components.data import prepare  # noqa: E402
-from components.demo_zoo import export_digits, publish_source_model  # noqa: E402
 from components.fetch_pretrained import fetch  # noqa: E402
 from components.finetune import finetune  # noqa: E402
+from components.storage.atomic import write_json  # noqa: E402
+from demo.digits import export_digits  # noqa: E402
+from demo.zoo import publish_source_model  # noqa: E402
 
 RUNS = ("transfer", "keep-all", "scratch")
 
 
-def subsample(dataset: Path, out: Path, fraction: float) -> int:
+def subsample(folder: Path, out: Path, fraction: float) -> int:
     """A copy of the dataset artifact keeping `fraction` of each class's training images."""
-    shutil.copytree(dataset, out)
-    with open(dataset / "manifest.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    kept, seen, total = [], {}, {}
-    for r in rows:
-        if r["split"] == "train":
-            total[r["label"]] = total.get(r["label"], 0) + 1
-    for r in rows:  # manifest order is file order: a deterministic subset
-        if r["split"] == "train":
-            seen[r["label"]] = seen.get(r["label"], 0) + 1
-            if seen[r["label"]] > max(1, round(fraction * total[r["label"]])):
-                continue
-        kept.append(r)
-    with open(out / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(kept)
-    return sum(1 for r in kept if r["split"] == "train")
+    train = dataset.rows(folder, "train")
+    total = {label: sum(1 for r in train if r.label == label) for label in {r.label for r in train}}
+    kept, seen = set(), {}
+    for r in train:  # manifest order is file order: a deterministic subset
+        seen[r.label] = seen.get(r.label, 0) + 1
+        if seen[r.label] <= max(1, round(fraction * total[r.label])):
+            kept.add(r.path)
+    dataset.subset(folder, out, lambda r: r.split != "train" or r.path in kept)
+    return len(kept)
 
 
 def epochs_to(history: list[dict], target: float) -> int | None:
@@ -91,9 +81,10 @@ def main(argv=None) -> int:
         scratch_ckpt = t / "random.pt"
         import torch
 
-        from components import models
+        from components.artifacts import checkpoint
+        from components.models import architectures as models
         torch.manual_seed(params.finetune.seed)
-        torch.save({"format": models.CHECKPOINT_FORMAT, "arch": params.demo.arch,
+        torch.save({"format": checkpoint.FORMAT, "arch": params.demo.arch,
                     "class_names": [str(c) for c in params.demo.target_classes],
                     "state_dict": models.build(params.demo.arch, len(params.demo.target_classes)).state_dict()},
                    scratch_ckpt)
@@ -113,7 +104,7 @@ def main(argv=None) -> int:
                     continue
                 began = time.time()
                 finetune(data, t / "aug", weights, t / f"{name}-{fraction}", cfg)
-                history = json.loads((t / f"{name}-{fraction}" / "history.json").read_text())
+                history = model_artifact.read_history(t / f"{name}-{fraction}")
                 row[name] = {"val_accuracy": [round(r["val_accuracy"], 4) for r in history],
                              "best": max(r["val_accuracy"] for r in history), "seconds": round(time.time() - began, 1)}
             target = 0.95 * max(row[name]["best"] for name in runs)

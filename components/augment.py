@@ -2,8 +2,8 @@
 
     python -m components.augment --params params.yaml --dataset data/prepared --out artifacts/augment
 
-Writes policy.json (the policy, which finetune and validate turn back into transforms with
-`load_policy` + `train_transform`/`eval_transform`) and preview.png (originals vs augmented).
+Writes the policy artifact (components/artifacts/policy.py): the policy, which finetune turns back into
+transforms (components/training/transforms.py), and a preview grid of originals against draws of it.
 """
 
 from __future__ import annotations
@@ -13,54 +13,12 @@ import sys
 from pathlib import Path
 
 import torch
-from torchvision.transforms import v2
 
-from components.atomic import atomic_dir, read_json, write_json
-from components.config import AugmentConfig, load_params, parse_section
-from components.dataset import read_split
-from components.images import load_rgb
+from components.artifacts import dataset, policy as policy_artifact
+from components.config import AugmentConfig, load_params
+from components.training.transforms import eval_transform, train_transform
 
 PREVIEW_COLUMNS = 5  # augmented samples per original
-
-
-def _augmentations(policy: AugmentConfig) -> list:
-    steps = [v2.RandomResizedCrop(policy.image_size, scale=policy.resize_scale, ratio=policy.resize_ratio,
-                                  antialias=True)]
-    if policy.hflip > 0:
-        steps.append(v2.RandomHorizontalFlip(policy.hflip))
-    if policy.rotation > 0:
-        steps.append(v2.RandomRotation(policy.rotation))
-    if any((policy.brightness, policy.contrast, policy.saturation, policy.hue)):
-        steps.append(v2.ColorJitter(policy.brightness, policy.contrast, policy.saturation, policy.hue))
-    return steps
-
-
-def _to_float(policy: AugmentConfig, normalize: bool) -> list:
-    steps = [v2.ToDtype(torch.float32, scale=True)]
-    if normalize:
-        steps.append(v2.Normalize(list(policy.mean), list(policy.std)))
-    return steps
-
-
-def train_transform(policy: AugmentConfig, normalize: bool = True) -> v2.Compose:
-    """PIL RGB image -> augmented float tensor (C, H, W)."""
-    return v2.Compose([v2.ToImage(), *_augmentations(policy), *_to_float(policy, normalize)])
-
-
-def device_transform(policy: AugmentConfig) -> v2.Compose:
-    """uint8 image tensor (C, H, W) on any device, a GPU's included -> what train_transform makes of it."""
-    return v2.Compose([*_augmentations(policy), *_to_float(policy, True)])
-
-
-def eval_transform(policy: AugmentConfig, normalize: bool = True) -> v2.Compose:
-    """PIL RGB image -> resized, centre-cropped float tensor (C, H, W); no randomness."""
-    return v2.Compose([v2.ToImage(), v2.Resize(policy.image_size, antialias=True), v2.CenterCrop(policy.image_size),
-                       *_to_float(policy, normalize)])
-
-
-def load_policy(augment_dir: str | Path) -> AugmentConfig:
-    path = Path(augment_dir) / "policy.json"
-    return parse_section(AugmentConfig, read_json(path), "augment", where=str(path))
 
 
 def save_preview(policy: AugmentConfig, images: list, path: Path, seed: int = 0) -> None:
@@ -89,13 +47,12 @@ def save_preview(policy: AugmentConfig, images: list, path: Path, seed: int = 0)
 
 
 def augment(dataset_dir: str | Path, out: str | Path, policy: AugmentConfig) -> Path:
-    """Check the policy builds, write it to `out`/policy.json with a preview grid from the train split."""
+    """Check the policy builds, write it to `out` with a preview grid from the train split."""
     train_transform(policy), eval_transform(policy)  # fail here, not in finetune, if it cannot build
-    chosen = read_split(dataset_dir, "train",  # spread over the split; only these are read
-                        pick=lambda rows: rows[::max(1, len(rows) // policy.preview_images)][: policy.preview_images])
-    with atomic_dir(out) as tmp:
-        write_json(tmp / "policy.json", policy.model_dump(mode="json"))
-        save_preview(policy, [(load_rgb(p), label) for p, label in chosen], tmp / "preview.png")
+    n = policy.preview_images  # spread over the split; only these are read
+    chosen = dataset.images(dataset_dir, "train", pick=lambda rows: rows[::max(1, len(rows) // n)][:n])
+    originals = [(dataset.load(image), image.label) for image in chosen]
+    policy_artifact.write(out, policy, lambda path: save_preview(policy, originals, path))
     return Path(out)
 
 

@@ -1,18 +1,22 @@
 """How a step's command line ends: expected failures as one message and a distinct exit code, a
 traceback only for a real bug or with --debug.
 
-    python -m components.<step> ... [--debug]
+    python -m components.<step> ... [--debug] [--verbose]
 
 Exit codes: 0 done; 1 a bug (traceback); 2 configuration (params.yaml, arguments); 3 input data;
 4 pretrained weights (fetching, checking, loading); 5 training diverged; 6 MLflow (tracking,
 registry); 7 storage (a file or folder that cannot be read or written, a full disk).
+Libraries' chatter (MLflow's INFO lines, its type-hint advice for the served model's predict method) is
+left out unless --verbose.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 # By class name, most specific first (several are ValueErrors), so that neither this module nor a step's
@@ -38,12 +42,23 @@ def describe(err: BaseException) -> str:
     return getattr(err, "message", None) or str(err)  # MlflowException keeps it in .message
 
 
+def quiet_libraries() -> None:
+    """MLflow logs INFO lines a user cannot act on ("Validating input example against model signature"), and
+    warns that the pyfunc's predict has no type hints: it has none on purpose (components/models/serving.py)."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
+
+
 def run(main, argv: list[str] | None = None) -> int:
     """Call a step's `main(argv)`; map the expected failures to one message and an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    step = Path(sys.argv[0]).stem  # components/finetune.py under `python -m components.finetune`
+    debug, verbose = "--debug" in argv, "--verbose" in argv
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
+    if not verbose:
+        quiet_libraries()
+    # components/finetune.py under `python -m components.finetune`; a package's __main__.py: the package
+    path = Path(sys.argv[0])
+    step = path.parent.name if path.stem == "__main__" else path.stem
     try:
         return main(argv)
     except Exception as err:  # noqa: BLE001 - sorted below: expected ones get a line, bugs a traceback

@@ -123,6 +123,7 @@ class FinetuneConfig(Section):
     seed: int
     num_workers: int = Field(ge=0)
     devices: Literal["auto"] | Annotated[int, Field(ge=1)]  # data-parallel processes per node (distributed.py)
+    sync_batchnorm: bool            # BatchNorm over the whole batch across processes (GPUs: SyncBatchNorm)
     precision: Literal["auto", "fp32", "bf16", "fp16"]  # auto: the fastest this device has (distributed.precision)
     compile: bool                   # torch.compile the trained layers
     gpu_augment: bool               # on a GPU, augment there (CPU loader workers only decode)
@@ -188,15 +189,25 @@ class Toleration(Section):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
 
 
+TASKS = ("resolve", "data", "augment", "fetch_pretrained", "finetune", "validate", "register")  # Kubeflow's
+
+
 class PipelineConfig(Section):
     image: str = Field(min_length=1)
-    tasks: dict[str, TaskSettings]
+    tasks: dict[Literal[TASKS], TaskSettings]   # every Kubeflow task once: a misspelt one is not a task
     retry_backoff_s: int = Field(ge=1)
     finetune_gpus: int = Field(ge=0)
     gpu_node_selector: dict[str, str]
     gpu_tolerations: list[Toleration]
     mlflow_config_map: str
     mlflow_secret: str
+
+    @model_validator(mode="after")
+    def _every_task_sized(self):
+        missing = [t for t in TASKS if t not in self.tasks]
+        if missing:
+            raise ValueError(f"tasks: no settings for {', '.join(missing)} (cpu, memory, timeout_s, retries each)")
+        return self
 
 
 class Params(Section):
@@ -216,7 +227,7 @@ def _describe(err: ValidationError, where: str, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
-        lines.append(f"{where}: {key or '(top level)'}: {e['msg']}")
+        lines.append(f"{where}: {key or '(top level)'}: {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 

@@ -2,39 +2,34 @@
 
     python -m components.data --params params.yaml --out data/prepared
 
-The artifact is a manifest of immutable references, not a copy of every image (components/dataset.py
-reads it):
-    manifest.csv            path (inside the source), label, split, sha256, width, height per image
-    source.json             where the images are: the folder read, the S3 prefix, or `images/` here
-    report.json             counts per class and split, the data fingerprint, the config used
-    images/<class>/<file>   only for a DVC-tracked source: byte-for-byte copies
-Later steps read the images they use from the source and refuse any whose bytes no longer match
-the manifest's sha256.
+The artifact (components/artifacts/dataset.py) is a manifest of immutable references, not a copy of
+every image: path inside the source, label, split and sha256 of each image, where the images are, and a
+report (counts per class and split, the data fingerprint, the config used). Only a DVC-tracked source is
+copied into it. Later steps read the images they use from the source and refuse any whose bytes no
+longer match the manifest's sha256.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import dataclasses
 import hashlib
 import os
-import shutil
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import joblib
 from tqdm import tqdm
 
-from components import cpus
-from components.atomic import atomic_dir, cache_dir, write_json
+from components.artifacts import dataset
 from components.config import DataConfig, load_params
-from components.data_sources import describe, materialize
-from components.dataset import SOURCE
-from components.images import check
 from components.redaction import redact
+from components.storage import cache
+from components.storage.images import check
+from components.storage.sources import describe, materialize
 
 SPLITS = ("train", "val", "test")
 PARALLEL_FROM = 256  # files; below this a process pool costs more than it saves
@@ -45,23 +40,16 @@ class DataError(ValueError):
     """The dataset cannot be used; the message names the files or classes and why."""
 
 
-@dataclass(frozen=True)
-class ImageRecord:
-    relpath: str  # "<class>/<path inside the class folder>", POSIX separators
-    label: str
-    sha256: str
-    width: int
-    height: int
-
-
 def inspect_file(path: str, root: str = "", copy_to: str = "") -> tuple[str, int, int] | str:
     """(sha256, width, height) for a decodable image, else the reason it is not one.
 
     With `copy_to`, a valid file's bytes are also written to `copy_to`/<path relative to root>:
     each file is read once, and the copying runs in the same worker processes as the decoding.
     """
-    if root and os.path.islink(path) and not Path(path).resolve().is_relative_to(root):
-        return f"symlink pointing outside the dataset folder (to {Path(path).resolve()})"
+    # the file or a folder on its way there (a class folder) may be a symlink: where it resolves is what counts
+    if root and not Path(path).resolve().is_relative_to(root):
+        link = "symlink" if os.path.islink(path) else "in a symlinked folder,"
+        return f"{link} pointing outside the dataset folder (to {Path(path).resolve()})"
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -120,7 +108,7 @@ def split_sizes(n: int, cfg: DataConfig) -> tuple[int, int]:
     return n_test, n_val
 
 
-def assign_splits(records: list[ImageRecord], cfg: DataConfig) -> dict[str, str]:
+def assign_splits(records: list[dataset.Row], cfg: DataConfig) -> dict[str, str]:
     """Split of every image, stratified by class and decided by content alone.
 
     Within a class, distinct contents are ordered by a hash of (data.seed, sha256); the first
@@ -130,7 +118,7 @@ def assign_splits(records: list[ImageRecord], cfg: DataConfig) -> dict[str, str]
     of its two boundaries; other classes do not move.
     """
     label_of: dict[str, str] = {}
-    for r in records:  # a file copied into two classes counts for the first
+    for r in records:  # (one image in two classes is refused before: _validate_and_write)
         label_of.setdefault(r.sha256, r.label)
     by_class: dict[str, list[str]] = {}
     for sha, label in label_of.items():
@@ -141,7 +129,7 @@ def assign_splits(records: list[ImageRecord], cfg: DataConfig) -> dict[str, str]
         n_test, n_val = split_sizes(len(shas), cfg)
         for i, sha in enumerate(shas):
             split_of[sha] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
-    return {r.relpath: split_of[r.sha256] for r in records}
+    return {r.path: split_of[r.sha256] for r in records}
 
 
 def small_split_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
@@ -161,18 +149,18 @@ def small_split_warnings(counts: dict[str, dict[str, int]]) -> list[str]:
     return warnings
 
 
-def fingerprint(records: list[ImageRecord]) -> str:
+def fingerprint(records: list[dataset.Row]) -> str:
     """Content hash of the dataset: every file's path, class and bytes."""
     h = hashlib.sha256()
-    for r in sorted(records, key=lambda r: r.relpath):
-        h.update(f"{r.relpath}\t{r.sha256}\n".encode())
+    for r in sorted(records, key=lambda r: r.path):
+        h.update(f"{r.path}\t{r.sha256}\n".encode())
     return h.hexdigest()
 
 
 def prepare(source: str | Path, out: str | Path, cfg: DataConfig, version: str = "") -> dict:
     """Fetch (data_sources), validate every image under `source`, split, write the dataset artifact to `out`.
 
-    `version`: the source's version as resolved at the start of the run (data_sources.version);
+    `version`: the source's version as resolved at the start of the run (storage.sources.pin);
     the data read is that version, or the step fails. Returns the data report. Raises DataError
     listing every unreadable file with its reason (with data.on_invalid: skip, only when more than
     data.max_invalid_fraction are); nothing is written then.
@@ -180,11 +168,10 @@ def prepare(source: str | Path, out: str | Path, cfg: DataConfig, version: str =
     cfg = cfg.model_copy(update={"source": str(source)})
     with tempfile.TemporaryDirectory(prefix="dataset-") as staging:
         local, dvc_hash = materialize(cfg, Path(staging), version)
-        report = _prepare(local, out, cfg, dvc_hash, _where(cfg))
-    if version:
-        report["source_version"] = version
-        write_json(Path(out) / "report.json", report)
-    return report
+        files, ignored = list_images(local, cfg)
+        paths = [p for label in files for p in files[label]]
+        with dataset.publish(out) as draft:  # any error below leaves nothing: no half-written artifact
+            return _validate_and_write(local, paths, files, ignored, draft, cfg, dvc_hash, _where(cfg), version)
 
 
 def _check(paths: list[Path], root: Path, workers: int, copy_to: Path) -> list:
@@ -199,7 +186,7 @@ def _check(paths: list[Path], root: Path, workers: int, copy_to: Path) -> list:
 
 
 def _where(cfg: DataConfig) -> dict:
-    """source.json: where later steps find the images (components/dataset.py)."""
+    """Where later steps find the images (components/artifacts/dataset.py)."""
     if cfg.repo:  # its remote may need the repository's credentials, which later steps do not get
         return {"kind": "artifact", "location": "images"}
     if cfg.source.startswith("s3://"):
@@ -207,23 +194,26 @@ def _where(cfg: DataConfig) -> dict:
     return {"kind": "folder", "location": cfg.source}
 
 
-def _prepare(source: Path, out, cfg: DataConfig, dvc_hash: str | None, where: dict) -> dict:
-    files, ignored = list_images(source, cfg)
-    paths = [p for label in files for p in files[label]]
-    with atomic_dir(out) as tmp:  # any error below removes it: nothing half-written stays
-        report = _validate_and_write(source, paths, files, ignored, tmp, cfg, dvc_hash, where)
-    return report
+def _validate_and_write(source, paths, files, ignored, draft: dataset.Draft, cfg: DataConfig, dvc_hash, where,
+                        version: str) -> dict:
+    copy_to = draft.images if where["kind"] == "artifact" else ""
+    # joblib.cpu_count: the CPUs this process may use, a container's CPU quota (cgroup v1 or v2) included
+    results = _check(paths, source, cfg.workers or joblib.cpu_count(), copy_to)
 
-
-def _validate_and_write(source, paths, files, ignored, tmp: Path, cfg: DataConfig, dvc_hash, where) -> dict:
-    copy_to = tmp / "images" if where["kind"] == "artifact" else ""
-    results = _check(paths, source, cfg.workers or cpus.available(), copy_to)
-
+    # The same bytes in two class folders: which label is right cannot be known, so neither is kept.
+    labels_of: dict[str, set[str]] = {}
+    for path, result in zip(paths, results):
+        if not isinstance(result, str):
+            labels_of.setdefault(result[0], set()).add(path.relative_to(source).parts[0])
+    for i, (path, result) in enumerate(zip(paths, results)):
+        if not isinstance(result, str) and len(labels_of[result[0]]) > 1:
+            others = ", ".join(sorted(labels_of[result[0]] - {path.relative_to(source).parts[0]}))
+            results[i] = f"the same bytes are also in class folder(s) {others}: one image, two labels"
     invalid = [(p, r) for p, r in zip(paths, results) if isinstance(r, str)]
     listing = "\n  ".join(f"{p}: {r}" for p, r in invalid)
     problems = [f"{source / label}: class folder has no image files" for label, found in files.items() if not found]
     if invalid and cfg.on_invalid == "error":
-        problems.append(f"{len(invalid)} unreadable image file(s) in {cfg.source}:\n  {listing}")
+        problems.append(f"{len(invalid)} unusable image file(s) in {cfg.source}:\n  {listing}")
     elif paths and len(invalid) > cfg.max_invalid_fraction * len(paths):
         problems.append(f"{len(invalid)} of {len(paths)} files are unreadable ({len(invalid) / len(paths):.1%}), "
                         f"more than data.max_invalid_fraction ({cfg.max_invalid_fraction:.1%}):\n  {listing}")
@@ -234,7 +224,8 @@ def _validate_and_write(source, paths, files, ignored, tmp: Path, cfg: DataConfi
     for path, result in zip(paths, results):
         if not isinstance(result, str):
             rel = path.relative_to(source)
-            records.append(ImageRecord(rel.as_posix(), rel.parts[0], *result))
+            sha256, width, height = result
+            records.append(dataset.Row(rel.as_posix(), rel.parts[0], "", sha256, width, height))  # split: below
     emptied = [label for label in files if not any(r.label == label for r in records)]
     if emptied:
         raise DataError(f"class folder(s) with no readable image left: {', '.join(emptied)}")
@@ -243,7 +234,7 @@ def _validate_and_write(source, paths, files, ignored, tmp: Path, cfg: DataConfi
     splits = assign_splits(records, cfg)
     counts = {s: {label: 0 for label in labels} for s in SPLITS}
     for r in records:
-        counts[splits[r.relpath]][r.label] += 1
+        counts[splits[r.path]][r.label] += 1
     short = [f"{label} (train {counts['train'][label]}, val {counts['val'][label]}, test {counts['test'][label]})"
              for label in labels if min(counts[s][label] for s in SPLITS) == 0]
     if short:
@@ -253,7 +244,7 @@ def _validate_and_write(source, paths, files, ignored, tmp: Path, cfg: DataConfi
 
     by_hash: dict[str, list[str]] = {}
     for r in records:
-        by_hash.setdefault(r.sha256, []).append(r.relpath)
+        by_hash.setdefault(r.sha256, []).append(r.path)
     report = {
         # DVC's directory hash when DVC tracks the data, else the hash of every file's path and bytes
         "fingerprint": dvc_hash or fingerprint(records),
@@ -267,26 +258,13 @@ def _validate_and_write(source, paths, files, ignored, tmp: Path, cfg: DataConfi
         "ignored_files": ignored,
         "excluded": [{"path": p.relative_to(source).as_posix(), "reason": r} for p, r in invalid],
         "config": {**cfg.model_dump(mode="json"), "repo": redact(cfg.repo)},
+        **({"source_version": version} if version else {}),
     }
-
-    with open(tmp / "manifest.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "split", "sha256", "width", "height"])
-        for r in records:
-            writer.writerow([r.relpath, r.label, splits[r.relpath], r.sha256, r.width, r.height])
-    write_json(tmp / "report.json", report)
-    write_json(tmp / SOURCE, where)
+    draft.write([dataclasses.replace(r, split=splits[r.path]) for r in records], report, where)
     if where["kind"] == "s3":  # what was downloaded to check it is what the steps on this machine read
-        _keep(source, records)
+        for r in records:
+            cache.keep(source / r.path, r.sha256)
     return report
-
-
-def _keep(staging: Path, records: list[ImageRecord]) -> None:
-    root = cache_dir() / "sha256"
-    root.mkdir(parents=True, exist_ok=True)
-    for r in records:
-        if not (root / r.sha256).exists():
-            shutil.move(staging / r.relpath, root / r.sha256)
 
 
 def main(argv=None) -> int:

@@ -2,12 +2,13 @@
 
     python -m components.fetch_pretrained --params params.yaml --out artifacts/pretrained
 
-URIs (components/model_zoo.py): a path or file://, torchvision://<arch>?weights=<NAME>,
+URIs (components/models/zoo.py): a path or file://, torchvision://<arch>?weights=<NAME>,
 https:// (pinned), s3://bucket/key, models:/<name>@<alias> or models:/<name>/<version>.
 
 The SHA-256 of the fetched file is always recorded and checked when pretrained.sha256 pins it.
 Files are loaded with torch.load(weights_only=True): a pickle that would run code is refused.
-Writes weights.pt (checkpoint-v1: arch, class names, state dict) and pretrained.json.
+Writes the weights artifact (components/artifacts/weights.py): the weights as a checkpoint and where
+they came from.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from components import models
-from components.atomic import atomic_dir, save_torch, sha256_file, write_json
+from components.artifacts import checkpoint, weights
 from components.config import PretrainedConfig, load_params
-from components.model_zoo import FetchError, resolve
+from components.models import architectures
+from components.models.zoo import FetchError, local_file
 from components.redaction import redact
+from components.storage.atomic import sha256_file
 
 __all__ = ["FetchError", "fetch"]
 
@@ -41,7 +43,7 @@ def safe_load(path: Path) -> object:
 
 def unpack(obj: object, path: Path, arch: str) -> tuple[dict, list[str] | None]:
     """State dict and class names from our checkpoint-v1, a plain state dict or a training checkpoint."""
-    if isinstance(obj, dict) and obj.get("format") == models.CHECKPOINT_FORMAT:
+    if checkpoint.is_checkpoint(obj):
         if obj["arch"] != arch:
             raise FetchError(f"{path}: checkpoint is a '{obj['arch']}' but pretrained.arch is '{arch}'")
         return obj["state_dict"], obj.get("class_names")
@@ -56,9 +58,9 @@ def unpack(obj: object, path: Path, arch: str) -> tuple[dict, list[str] | None]:
 def fetch(cfg: PretrainedConfig, out: str | Path, version: str = "") -> dict:
     """Fetch, verify and safely load the weights of `cfg.uri`; write them to `out` as checkpoint-v1.
 
-    `version`: the content id resolved at the start of the run (model_zoo.version); a file whose
-    SHA-256 it names must have that digest."""
-    path, class_names, source = resolve(cfg.uri, cfg.arch, cfg.sha256, int(cfg.max_size_mb * 2**20))
+    `version`: the content id resolved at the start of the run (models.zoo.pin), enforced whatever its
+    kind: a file's SHA-256, an S3 object's ETag, a registered version's weights digest."""
+    path, class_names, source = local_file(cfg.uri, cfg.arch, cfg.sha256, int(cfg.max_size_mb * 2**20), version)
     sha256 = sha256_file(path)
     if cfg.sha256 and sha256 != cfg.sha256:
         raise FetchError(f"pretrained.sha256 mismatch for {redact(cfg.uri)}: pinned {cfg.sha256}, file {path} has "
@@ -67,8 +69,13 @@ def fetch(cfg: PretrainedConfig, out: str | Path, version: str = "") -> dict:
         raise FetchError(f"pretrained.uri: {redact(cfg.uri)}: changed since this run resolved it ({version[:19]}, "
                          f"now sha256:{sha256[:12]}); run again")
     state_dict, names_in_file = unpack(safe_load(path), path, cfg.arch)
-    num_classes = models.num_outputs(state_dict, cfg.arch)
-    models.load_weights(models.build(cfg.arch, num_classes), state_dict, cfg.arch)  # fail now, not in finetune
+    digest = f"weights_sha256:{architectures.weights_digest(state_dict)}"
+    if version.startswith("weights_sha256:") and version != digest:
+        raise FetchError(f"pretrained.uri: {redact(cfg.uri)}: its weights are not those this run resolved "
+                         f"({version[:27]}...); run again")
+    num_classes = architectures.num_outputs(state_dict, cfg.arch)
+    # fail now, not in finetune
+    architectures.load_weights(architectures.build(cfg.arch, num_classes), state_dict, cfg.arch)
     class_names = names_in_file or class_names
     info = {
         "uri": redact(cfg.uri),  # a token in an https:// URL must not reach reports or MLflow
@@ -81,10 +88,7 @@ def fetch(cfg: PretrainedConfig, out: str | Path, version: str = "") -> dict:
         "pinned": bool(cfg.sha256),
         **({"version": redact(version)} if version else {}),
     }
-    with atomic_dir(out) as tmp:
-        save_torch({"format": models.CHECKPOINT_FORMAT, "arch": cfg.arch, "class_names": class_names,
-                    "state_dict": state_dict}, tmp / "weights.pt")
-        write_json(tmp / "pretrained.json", info)
+    weights.write(out, checkpoint.Checkpoint(cfg.arch, class_names, state_dict), info)
     return info
 
 

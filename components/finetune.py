@@ -5,423 +5,93 @@
 
 Freezing by name patterns and by depth, gradual unfreezing with its own learning rates,
 discriminative learning rates, warm-up then a cosine or step schedule, and a checkpoint every
-epoch: a run killed mid-epoch resumes from the last finished epoch and ends with the same weights.
-Writes model.pt (checkpoint-v1 with the best epoch's weights, the class names, the preprocessing
-and the configuration that produced it), history.json (one row per epoch), summary.json and
-training_curves.png. Run as the pipeline runs it (`run`), the fine-tune is a live MLflow run
-(components.tracking): parameters when it starts, each epoch's metrics when it ends. Device, precision
-and data-parallel processes (finetune.devices): components.distributed; `run_data_parallel` starts them.
+epoch: a run killed mid-epoch resumes from the last finished epoch and ends with the same weights
+(components/training/). Writes the model artifact (components/artifacts/model.py): the best epoch's
+weights with the class names, the preprocessing and the configuration that produced it, the history,
+a summary and the training curves. Run as the pipeline runs it (`run`), the fine-tune is a live MLflow
+run (components/tracking/runs.py): parameters when it starts, each epoch's metrics when it ends.
+Devices, precision and data-parallel processes (finetune.devices): components/training/distributed.py;
+`run_data_parallel` starts them.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import json
-import math
-import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import joblib
 import torch
-from torch import nn
-from torchvision.transforms import v2
-from tqdm import tqdm
 
-from components import cpus, distributed, models, prefix_cache, tracking
-from components.atomic import atomic_dir, read_json, save_torch, write_json
-from components.augment import device_transform, eval_transform, load_policy, train_transform
-from components.config import AugmentConfig, FinetuneConfig, TrackingConfig, load_params, parse_section
-from components.dataset import ImageSplit, read_report
+from components.artifacts import dataset, model as model_artifact, policy as policy_artifact, weights
+from components.artifacts.checkpoint import Checkpoint
+from components.artifacts.lineage import training_inputs
+from components.config import FinetuneConfig, TrackingConfig, load_params, parse_section
+from components.models import architectures
+from components.storage.atomic import read_json, write_json
+from components.tracking import runs
+from components.training import distributed, resume
+from components.training.curves import save_curves
+from components.training.loaders import make_loaders
+from components.training.loop import TrainingError, fit
+from components.training.transforms import device_transform
 
-RUN_MARKER = "mlflow_run.json"  # in checkpoint_dir: the MLflow run an interrupted fine-tune continues
-
-
-class TrainingError(ValueError):
-    """Training cannot go on (a loss that is not a finite number); the message says where and why."""
-
-
-def make_loaders(dataset_dir, policy: AugmentConfig, cfg: FinetuneConfig, class_names: list[str],
-                 augment_on_device: bool = False):
-    """The training and validation loaders. With `augment_on_device` the training loader's workers only
-    decode (uint8 tensors, as they come) and `fit` augments each batch where the model is (a GPU)."""
-    train = ImageSplit(dataset_dir, "train", v2.ToImage() if augment_on_device else train_transform(policy),
-                       class_names)
-    val = ImageSplit(dataset_dir, "val", eval_transform(policy), class_names)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                  persistent_workers=cfg.num_workers > 0, pin_memory=torch.cuda.is_available())
-    # drop_last: a last batch of one image would break BatchNorm in training mode
-    return (torch.utils.data.DataLoader(train, shuffle=True, generator=generator, drop_last=len(train) > cfg.batch_size,
-                                        collate_fn=_as_list if augment_on_device else None, **common),
-            torch.utils.data.DataLoader(val, shuffle=False, **common))
-
-
-def _as_list(samples):
-    """Images of different sizes as a list, their labels as a tensor (the batch is augmented later)."""
-    return [x for x, _ in samples], torch.tensor([y for _, y in samples])
-
-
-def lr_factor(epoch: int, cfg: FinetuneConfig) -> float:
-    """Multiplier of every group's base learning rate in `epoch` (1-based): warm-up, then the schedule."""
-    if epoch <= cfg.warmup_epochs:
-        return epoch / (cfg.warmup_epochs + 1)
-    t = epoch - cfg.warmup_epochs - 1  # epochs since warm-up ended
-    if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * t / (cfg.max_epochs - cfg.warmup_epochs)))
-    if cfg.schedule == "step":
-        return cfg.gamma ** (t // cfg.step_size)
-    return 1.0
-
-
-class Trainer:
-    """The model with its frozen parts, optimizer groups and unfreezing schedule, epoch by epoch."""
-
-    def __init__(self, model: nn.Module, cfg: FinetuneConfig, quiet: bool = False):
-        self.model, self.cfg, self.quiet = model, cfg, quiet
-        patterns = list(cfg.freeze) + (models.modules_before(model, cfg.freeze_until) if cfg.freeze_until else [])
-        self.frozen_bn = models.freeze(model, patterns)
-        groups, taken = [], set()
-        for g in cfg.lr_groups:
-            params = [p for p in models.parameters_of(model, g.modules, "finetune.lr_groups") if id(p) not in taken]
-            taken.update(map(id, params))
-            groups.append({"params": params, "base_lr": g.lr})
-        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
-        groups.insert(0, {"params": rest, "base_lr": cfg.lr})
-        for step in cfg.unfreeze:  # a typo fails now, before the first epoch, not when its epoch starts
-            models.match_modules(model, step.modules, "finetune.unfreeze")
-        for g in groups:
-            g["lr"] = g["base_lr"]
-        if cfg.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-    def unfreeze_for(self, epoch: int) -> list:
-        """Apply the unfreezing steps due at `epoch`: their parameters join as a new optimizer group.
-        Returns the parameters woken."""
-        all_woken = []
-        for step in self.cfg.unfreeze:
-            if step.epoch == epoch:
-                woken = models.unfreeze(self.model, step.modules, self.frozen_bn)
-                if woken:
-                    lr = step.lr or self.cfg.lr
-                    self.optimizer.add_param_group({"params": woken, "base_lr": lr, "lr": lr})
-                    all_woken += woken
-                _say(not self.quiet, f"finetune: epoch {epoch}: unfroze {', '.join(step.modules)} "
-                                     f"({sum(p.numel() for p in woken):,} parameters)")
-        return all_woken
-
-    def start_epoch(self, epoch: int) -> list:
-        """Unfreeze what is due, set the learning rates and the modes; the parameters woken."""
-        woken = self.unfreeze_for(epoch)
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * lr_factor(epoch, self.cfg)
-        self.model.train()
-        for m in self.frozen_bn:  # frozen BatchNorm keeps its running statistics
-            m.eval()
-        return woken
-
-
-def _rng_state(generator: torch.Generator) -> dict:
-    """Every random state training draws from, as tensors and plain values (loadable with weights_only)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "loader": generator.get_state(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "python": random.getstate()}
-
-
-def _set_rng_state(state: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["loader"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-
-
-def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key: str = "",
-        on_epoch=None, fabric=None, augment=None) -> tuple[dict, list]:
-    """Train until max_epochs or until val loss stops improving by min_delta for `patience` epochs.
-
-    With cfg.checkpoint_dir, every finished epoch is saved there and a checkpoint with the same
-    `run_key` (inputs and configuration) is resumed. `on_epoch(row)` sees each history row as its
-    epoch ends (live tracking). `fabric` (components.distributed.fabric_for) says where: one device, or
-    one of several data-parallel processes, each training on its share of every batch (only rank 0
-    writes checkpoints and calls `on_epoch`). `augment`: the per-image training transform, when the
-    loader leaves augmentation to the device (make_loaders(augment_on_device=True)). Returns the best
-    epoch's state dict (not the last one's) and the per-epoch history.
-    """
-    fabric = fabric or distributed.fabric_for(cfg)
-    rank, world, lead = fabric.global_rank, fabric.world_size, fabric.global_rank == 0
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
-    trainer = Trainer(model, cfg, quiet=not lead)
-    loss_fn = nn.CrossEntropyLoss()
-    model.to(fabric.device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    prepare = _prepare(fabric, cfg, augment)
-    cache, suffix = _prefix_cache(model, trainer, train_loader, val_loader, cfg, prepare, fabric.autocast, lead)
-    net = suffix if cache else model
-    history, best_loss, best_state, stale, first = [], math.inf, None, 0, 1
-    ckpt_path = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None
-
-    saved = _load_checkpoint(ckpt_path, lead) if ckpt_path and ckpt_path.exists() else None
-    if saved is not None:
-        if saved.get("run_key") == run_key:
-            for epoch in range(2, saved["epoch"] + 1):  # replay unfreezing so the optimizer groups match
-                trainer.unfreeze_for(epoch)
-            model.load_state_dict(saved["model"])
-            trainer.optimizer.load_state_dict(saved["optimizer"])
-            history, best_loss, best_state, stale = saved["history"], saved["best_loss"], saved["best_state"], \
-                saved["stale"]
-            _set_rng_state(saved["rng"], train_loader.generator)
-            first = saved["epoch"] + 1
-            _say(lead, f"finetune: resuming after epoch {saved['epoch']} from {ckpt_path}")
-        else:
-            _say(lead, f"finetune: {ckpt_path} belongs to other inputs or settings; starting afresh")
-
-    trained = torch.compile(net) if cfg.compile else net  # Fabric applies it again around DDP
-    wrapped, optimizer = fabric.setup_module(trained), fabric.setup_optimizers(trainer.optimizer)
-    compile_seconds = None
-    stop = first > cfg.max_epochs or (history and stale >= cfg.patience)
-    epochs = tqdm(range(first, cfg.max_epochs + 1), desc="finetune", unit="epoch", file=sys.stderr,
-                  initial=first - 1, total=cfg.max_epochs, disable=not lead)
-    for epoch in ([] if stop else epochs):
-        if trainer.start_epoch(epoch) and world > 1:
-            # DDP reduces the gradients of the parameters that trained when it wrapped the module:
-            # woken ones join through a new wrapper (the old one's hooks must be gone first).
-            del wrapped
-            gc.collect()
-            wrapped = fabric.setup_module(trained)
-        seen = correct = 0
-        total_loss = 0.0
-        batches = [b[rank::world] for b in _epoch_batches(train_loader)] if cache or world > 1 else None
-        if cache:  # the suffix on this epoch's copy of the frozen prefix's features
-            feed = cache.train_copy(epoch).batches(batches)
-        elif world > 1:  # this process's share of each batch the single-process loader would draw
-            feed = torch.utils.data.DataLoader(train_loader.dataset, batch_sampler=batches,
-                                               num_workers=cfg.num_workers, collate_fn=train_loader.collate_fn,
-                                               pin_memory=train_loader.pin_memory)
-        else:
-            feed = train_loader
-        bar = tqdm(feed, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr,
-                   disable=None if lead else True)  # batch bars on a terminal only
-        for batch, (x, y) in enumerate(bar, 1):
-            started = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            y = fabric.to_device(y)
-            with fabric.autocast():
-                logits = wrapped(prepare(x)).float()
-            loss = loss_fn(logits, y)
-            _check_finite(loss.item(), f"epoch {epoch}, batch {batch}: training loss", cfg)
-            fabric.backward(loss)
-            optimizer.step()
-            total_loss += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            if cfg.compile and compile_seconds is None:  # the first step compiles: its time, reported apart
-                compile_seconds = time.perf_counter() - started
-                _say(lead, f"finetune: torch.compile: first step {compile_seconds:.1f} s (compiling included)")
-        if world > 1:
-            total_loss, correct, seen = fabric.all_reduce(
-                torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=fabric.device),
-                reduce_op="sum").tolist()
-        with torch.no_grad(), fabric.autocast():  # every process the whole split: the same verdict everywhere
-            val_logits, val_y = models.predict(net, _on_device(
-                cache.val.batches(_in_order(len(cache.val), cfg)) if cache else val_loader, prepare, fabric))
-        val_logits, val_y = val_logits.float().cpu(), val_y.cpu()
-        row = {
-            "epoch": epoch,
-            "train_loss": total_loss / seen,
-            "train_accuracy": correct / seen,
-            "val_loss": loss_fn(val_logits, val_y).item(),
-            "val_accuracy": (val_logits.argmax(1) == val_y).float().mean().item(),
-            "lr": trainer.optimizer.param_groups[0]["lr"],
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "time": time.time(),  # when the epoch ended: its metrics' timestamp in MLflow
-        }
-        if compile_seconds is not None and not any("compile_seconds" in r for r in history):
-            row["compile_seconds"] = compile_seconds
-        _check_finite(row["val_loss"], f"epoch {epoch}: validation loss", cfg)
-        history.append(row)
-        if on_epoch and lead:
-            on_epoch(row)
-        epochs.set_postfix(val_loss=f"{row['val_loss']:.4f}", val_acc=f"{row['val_accuracy']:.3f}")
-        if row["val_loss"] < best_loss - cfg.min_delta:
-            best_loss, best_state, stale = row["val_loss"], _cpu_copy(model.state_dict()), 0
-        else:
-            stale += 1
-        if ckpt_path and lead:
-            save_torch({"run_key": run_key, "epoch": epoch, "model": model.state_dict(),
-                        "optimizer": trainer.optimizer.state_dict(), "history": history,
-                        "best_loss": best_loss, "best_state": best_state, "stale": stale,
-                        "rng": _rng_state(train_loader.generator)}, ckpt_path)
-            write_json(ckpt_path.with_suffix(".json"), {"epoch": epoch, "run_key": run_key})
-        if fabric.broadcast(stale >= cfg.patience):  # rank 0 decides, so no process waits for another
-            _say(lead, f"finetune: early stop after epoch {epoch}: val loss has not improved by "
-                       f"{cfg.min_delta} for {cfg.patience} epochs")
-            break
-    if cache:
-        cache.close()
-    model.cpu()
-    if cfg.channels_last:  # the weights as saved: the usual layout, whatever training used
-        model.to(memory_format=torch.contiguous_format)
-        best_state = best_state and {k: v.contiguous() for k, v in best_state.items()}
-    return best_state, history
-
-
-def _say(lead: bool, message: str) -> None:
-    if lead:  # one process speaks for all
-        tqdm.write(message, file=sys.stderr)
-
-
-def _cpu_copy(state: dict) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-
-
-def _on_device(batches, prepare, fabric):
-    for x, y in batches:
-        yield prepare(x), fabric.to_device(y)
-
-
-def _prepare(fabric, cfg: FinetuneConfig, augment=None):
-    """Input batch -> on the device (non-blocking from pinned memory), augmented there when the loader
-    left it undone (a list of uint8 images), in channels_last when that is on."""
-    def prepare(x):
-        x = torch.stack([augment(fabric.to_device(image)) for image in x]) if isinstance(x, list) \
-            else fabric.to_device(x)
-        return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last and x.ndim == 4 else x
-
-    return prepare
-
-
-def _epoch_batches(train_loader) -> list[list[int]]:
-    """The batches (lists of indices) the loader would give this epoch, drawn as it draws them, from its
-    generator: so the cached and the uncached paths train on the same images in the same order."""
-    torch.empty((), dtype=torch.int64).random_(generator=train_loader.generator)  # the loader's base seed
-    return list(train_loader.batch_sampler)
-
-
-def _in_order(n: int, cfg: FinetuneConfig) -> list[list[int]]:
-    return [list(range(start, min(start + cfg.batch_size, n))) for start in range(0, n, cfg.batch_size)]
-
-
-def _prefix_cache(model, trainer: Trainer, train_loader, val_loader, cfg: FinetuneConfig, prepare, autocast,
-                  lead: bool = True):
-    """(PrefixCache, suffix) when finetune.prefix_cache can apply, else (None, None) with the reason printed.
-    Each data-parallel process computes the whole cache: every one draws from every image."""
-    if not cfg.prefix_cache:
-        return None, None
-    later = [n for step in cfg.unfreeze for n in models.match_modules(model, step.modules, "finetune.unfreeze")]
-    probe = prepare(next(iter(val_loader))[0][:2])
-    prefix, suffix, names = prefix_cache.split(model, trainer.frozen_bn, later, probe)
-    if prefix is None:
-        _say(lead, f"finetune: frozen-prefix cache off: {names}")
-        return None, None
-    fast = prefix_cache.fused(prefix)
-    if cfg.channels_last:
-        fast.to(memory_format=torch.channels_last)
-    cache = prefix_cache.PrefixCache(fast, train_loader, val_loader, cfg, prepare, autocast,
-                                     workdir=cfg.checkpoint_dir or None)
-    copies = f"{cfg.prefix_copies} augmented cop{'y' if cfg.prefix_copies == 1 else 'ies'}"
-    _say(lead, f"finetune: frozen prefix {prefix_cache.describe(names)} computed once: validation, and up to "
-               f"{copies} of the training split")
-    return cache, suffix
-
-
-def _check_finite(value: float, where: str, cfg: FinetuneConfig) -> None:
-    if not math.isfinite(value):
-        raise TrainingError(f"finetune: {where} is {value}: training diverged; nothing is written as the model. "
-                            f"Likely cause: finetune.lr ({cfg.lr}) too high for these layers, or images that "
-                            "are not what the labels say")
-
-
-def _load_checkpoint(path: Path, lead: bool = True) -> dict | None:
-    """The saved epoch state, or None when `path` cannot be read (cut short by a full disk, say):
-    it is moved aside (by rank 0), named, and training starts afresh, since a checkpoint only saves time."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises RuntimeError, EOFError, pickle errors... for a damaged file
-        if not lead:
-            return None
-        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-        path.replace(aside)
-        tqdm.write(f"finetune: checkpoint {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                   f"moved to {aside.name}, starting afresh", file=sys.stderr)
-        return None
-
-
-def save_curves(history: list[dict], best_epoch: int, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
-        ax.plot(epochs, [r[f"train_{metric}"] for r in history], marker="o", label="train")
-        ax.plot(epochs, [r[f"val_{metric}"] for r in history], marker="o", label="validation")
-        ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
-        ax.set_xlabel("epoch"), ax.set_title(metric), ax.legend()
-    axes[2].plot(epochs, [r["lr"] for r in history], marker="o")
-    axes[2].set_xlabel("epoch"), axes[2].set_title("learning rate (base group)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+__all__ = ["TrainingError", "finetune", "run", "run_data_parallel"]
 
 
 def run_key(dataset_dir, augment_dir, pretrained_dir, cfg: FinetuneConfig) -> str:
     """What a checkpoint must match to be resumed: the data, policy, weights and settings."""
-    parts = {"data": read_report(dataset_dir)["fingerprint"],
-             "policy": read_json(Path(augment_dir) / "policy.json"),
-             "weights": read_json(Path(pretrained_dir) / "pretrained.json")["sha256"],
+    parts = {"data": dataset.read_report(dataset_dir)["fingerprint"],
+             "policy": policy_artifact.read_raw(augment_dir),
+             "weights": weights.read_info(pretrained_dir)["sha256"],
              "config": cfg.model_dump(mode="json", exclude={"checkpoint_dir"})}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig, on_epoch=None,
-             run_record: dict | None = None, fabric=None) -> dict:
-    """Fine-tune the fetched weights on the dataset artifact; write the best model to `out`.
-
-    `on_epoch` is fit's per-epoch callback; `run_record` (which MLflow run trained it) is written
-    into `out` as run.json. Of data-parallel processes (`fabric`), only rank 0 writes.
-    """
-    started = time.time()
-    fabric = fabric or distributed.fabric_for(cfg)
-    # a pod's CPU limit, not the node's, shared by the processes on this node
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), cpus.available() // distributed.local_processes())))
-    class_names = read_report(dataset_dir)["classes"]
-    policy = load_policy(augment_dir)
-    pretrained = read_json(Path(pretrained_dir) / "pretrained.json")
-    checkpoint = torch.load(Path(pretrained_dir) / "weights.pt", map_location="cpu", weights_only=True)
-    arch = checkpoint["arch"]
-
-    model = models.build(arch, pretrained["num_classes"])
-    models.load_weights(model, checkpoint["state_dict"], arch)
+def pretrained_model(pretrained_dir, class_names: list[str], cfg: FinetuneConfig):
+    """The fetched network with its weights, a new output layer where the old one cannot serve these
+    classes, and finetune.reinit's modules started afresh. Returns (model, arch, replaced head or None)."""
+    info, source = weights.read_info(pretrained_dir), weights.load(pretrained_dir)
+    model = architectures.build(source.arch, info["num_classes"])
+    architectures.load_weights(model, source.state_dict, source.arch)
     torch.manual_seed(cfg.seed)  # the new output layer's initial weights are part of the run's recipe
     # A new output layer when the old one cannot or should not be reused: another class
     # count, or known classes that differ (digits 0-4 -> 5-9 has 5 outputs either way).
     head = None
-    source_classes = pretrained.get("class_names")
-    if pretrained["num_classes"] != len(class_names) or (source_classes and source_classes != class_names):
-        head = models.replace_head(model, len(class_names))
-
+    source_classes = info.get("class_names")
+    if info["num_classes"] != len(class_names) or (source_classes and source_classes != class_names):
+        head = architectures.replace_head(model, len(class_names))
     if cfg.reinit:  # keep the generic lower layers, start the task-specific top afresh
-        models.reinit(model, arch, cfg.reinit)
+        architectures.reinit(model, source.arch, cfg.reinit)
+    return model, source.arch, head
+
+
+def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig, on_epoch=None,
+             run_record=None, fabric=None) -> dict:
+    """Fine-tune the fetched weights on the dataset artifact; write the best model to `out`.
+
+    `on_epoch` is fit's per-epoch callback; `run_record` (which MLflow run trained it) goes into `out`.
+    Of data-parallel processes (`fabric`), only rank 0 writes.
+    """
+    started = time.time()
+    fabric = fabric or distributed.fabric_for(cfg)
+    # a pod's CPU limit (joblib reads the cgroup quota), not the node's, shared by the processes on this node
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), joblib.cpu_count() // distributed.local_processes())))
+    class_names = dataset.classes(dataset_dir)
+    policy = policy_artifact.read(augment_dir)
+    model, arch, head = pretrained_model(pretrained_dir, class_names, cfg)
 
     on_device = cfg.gpu_augment and fabric.device.type == "cuda"
     train_loader, val_loader = make_loaders(dataset_dir, policy, cfg, class_names, augment_on_device=on_device)
-    best_state, history = fit(model, train_loader, val_loader, cfg,
-                              run_key(dataset_dir, augment_dir, pretrained_dir, cfg), on_epoch, fabric,
-                              augment=device_transform(policy) if on_device else None)
-    counts = models.parameter_counts(model)
-    best = min(history, key=lambda r: r["val_loss"])
+    best_state, history, best_epoch = fit(model, train_loader, val_loader, cfg,
+                                          run_key(dataset_dir, augment_dir, pretrained_dir, cfg), on_epoch, fabric,
+                                          augment=device_transform(policy) if on_device else None)
+    counts = architectures.parameter_counts(model)
+    best = next(r for r in history if r["epoch"] == best_epoch)  # the saved epoch, whatever came after
     summary = {
         "arch": arch,
         "best_epoch": best["epoch"],
@@ -436,7 +106,7 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig,
         "processes": fabric.world_size,
         "precision": distributed.precision(cfg.precision, fabric.device.type),
         "compile_seconds": next((r["compile_seconds"] for r in history if "compile_seconds" in r), None),
-        "weights_sha256": models.weights_digest(best_state),  # register refuses a copy of the champion
+        "weights_sha256": architectures.weights_digest(best_state),  # register refuses a copy of a version
         "config": cfg.model_dump(mode="json"),
     }
     if fabric.global_rank != 0:  # rank 0 writes the model and ends the run
@@ -444,35 +114,12 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig,
     print(f"finetune: {arch}, {len(class_names)} classes, output layer "
           f"{'replaced: ' + head if head else 'kept'}; trainable parameters {history[0]['trainable_parameters']:,} "
           f"at the start, {counts['trainable']:,} of {counts['total']:,} at the end", file=sys.stderr)
-    with atomic_dir(out) as tmp:
-        save_torch({
-            "format": models.CHECKPOINT_FORMAT,
-            "arch": arch,
-            "class_names": class_names,
-            "state_dict": best_state,
-            "preprocessing": {"image_size": policy.image_size, "mean": list(policy.mean), "std": list(policy.std)},
-            "config": cfg.model_dump(mode="json"),
-            "summary": summary,
-        }, tmp / "model.pt")
-        write_json(tmp / "history.json", history)
-        write_json(tmp / "summary.json", summary)
-        save_curves(history, best["epoch"], tmp / "training_curves.png")
-        if run_record:
-            write_json(tmp / tracking.RUN_RECORD, run_record)
-    if cfg.checkpoint_dir:  # finished: a later run with the same inputs starts from scratch
-        for leftover in ("last.pt", "last.json", RUN_MARKER):
-            (Path(cfg.checkpoint_dir) / leftover).unlink(missing_ok=True)
+    preprocessing = {"image_size": policy.image_size, "mean": list(policy.mean), "std": list(policy.std)}
+    model_artifact.write(out, Checkpoint(arch, class_names, best_state, preprocessing, cfg.model_dump(mode="json"),
+                                         summary), history, summary, save_curves, run_record)
+    if cfg.checkpoint_dir:
+        resume.finished(cfg.checkpoint_dir)
     return summary
-
-
-def _interrupted_run(cfg: FinetuneConfig, key: str) -> str | None:
-    """The MLflow run of an interrupted fine-tune with the same inputs, to continue it."""
-    if not cfg.checkpoint_dir:
-        return None
-    marker, last = Path(cfg.checkpoint_dir) / RUN_MARKER, Path(cfg.checkpoint_dir) / "last.pt"
-    if marker.exists() and last.exists() and read_json(marker).get("run_key") == key:
-        return read_json(marker)["run_id"]
-    return None
 
 
 def run(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig, tracking_cfg: TrackingConfig,
@@ -483,14 +130,14 @@ def run(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig, trac
     if fabric.global_rank != 0:  # one MLflow run, the lead process's
         return finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg, fabric=fabric)
     key = run_key(dataset_dir, augment_dir, pretrained_dir, cfg)
-    with tracking.training_run(dataset_dir, augment_dir, pretrained_dir, cfg.model_dump(mode="json"),
-                               tracking_cfg, runner, pipeline_run_id, changes,
-                               resume_run_id=_interrupted_run(cfg, key)) as live:
+    inputs = training_inputs(dataset_dir, augment_dir, pretrained_dir, cfg.model_dump(mode="json"))
+    with runs.training_run(inputs, tracking_cfg, runner, pipeline_run_id, changes,
+                           resume_run_id=resume.interrupted_run(cfg.checkpoint_dir, key)) as live:
         if cfg.checkpoint_dir:
-            write_json(Path(cfg.checkpoint_dir) / RUN_MARKER, {"run_key": key, "run_id": live.run_id})
+            resume.mark_run(cfg.checkpoint_dir, key, live.run_id)
         summary = finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg, on_epoch=live.log_epoch,
-                           run_record=tracking.run_record(live), fabric=fabric)
-        tracking.log_training_outputs(out)
+                           run_record=live.record(), fabric=fabric)
+        runs.log_training_outputs(summary, model_artifact.record_files(out))
     return {**summary, "run_id": live.run_id}
 
 
@@ -508,7 +155,7 @@ def run_data_parallel(dataset_dir, augment_dir, pretrained_dir, out, cfg: Finetu
                           "finetune": cfg.model_dump(mode="json"), "tracking": tracking_cfg.model_dump(mode="json"),
                           "runner": runner, "pipeline_run_id": pipeline_run_id, "changes": list(changes)})
         distributed.launch(processes, ["-m", "components.finetune", "--process", str(spec)])
-        return read_json(spec.with_name("summary.json"))
+        return read_json(spec.with_name("rank-0-summary.json"))
 
 
 def _process(spec: Path) -> int:
@@ -518,7 +165,7 @@ def _process(spec: Path) -> int:
                   parse_section(TrackingConfig, args["tracking"], "tracking"), args["runner"],
                   args["pipeline_run_id"], args["changes"])
     if "run_id" in summary:  # rank 0
-        write_json(spec.with_name("summary.json"), summary)
+        write_json(spec.with_name("rank-0-summary.json"), summary)
     return 0
 
 
@@ -535,7 +182,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     summary = run_data_parallel(args.dataset, args.policy, args.weights, args.out, params.finetune, params.tracking,
-                                *tracking.runner_identity(), changes=tracking.changed_params(args.params))
+                                *runs.runner_identity(), changes=runs.changed_params(args.params))
     if "run_id" not in summary:  # a process of a torchrun launch that is not rank 0
         return 0
     print(f"finetune: best epoch {summary['best_epoch']} of {summary['epochs_run']}, "

@@ -16,16 +16,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from components import data_sources, model_zoo
-from components.atomic import write_json
 from components.config import DataConfig, PretrainedConfig, load_params
+from components.models import zoo
 from components.redaction import redact
+from components.storage import sources
+from components.storage.atomic import write_json
 
 
 def resolve(data: DataConfig, pretrained: PretrainedConfig) -> dict[str, str]:
     """{"data_version", "pretrained_uri", "pretrained_version"}: equal values, equal content."""
-    uri, content = model_zoo.version(pretrained.uri, pretrained.arch, pretrained.sha256)
-    return {"data_version": data_sources.version(data), "pretrained_uri": uri, "pretrained_version": content}
+    uri, content = zoo.pin(pretrained.uri, pretrained.arch, pretrained.sha256)
+    return {"data_version": sources.pin(data), "pretrained_uri": uri, "pretrained_version": content}
 
 
 def main(argv=None) -> int:

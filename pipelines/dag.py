@@ -4,7 +4,7 @@
 
 dvc.yaml (pipelines/dvc_yaml.py) and the Kubeflow DAG (pipelines/finetune_pipeline.py) are both
 derived from STEPS; tests fail when either generated file is stale. A step's command line for DVC
-is `python -m components.<module> [args] --<input> PATH ... --out PATH`; its Kubeflow component is
+is `python -m <module> [args] --<input> PATH ... --out PATH`; its Kubeflow component is
 `<name>_op` in finetune_pipeline.py, wired by name: artifacts by the names below, pipeline
 parameters by params.yaml section.
 """
@@ -12,6 +12,8 @@ parameters by params.yaml section.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from components.artifacts import model, policy, reports
 
 # Artifacts by name: where DVC keeps them in the workspace. `cached: False` for outputs that name
 # an MLflow run or registry version, which restoring them from DVC's cache would not bring back.
@@ -30,12 +32,12 @@ UNCACHED = {"tracking_target", "reports", "registration"}
 @dataclass(frozen=True)
 class Step:
     name: str                           # DVC stage and Kubeflow task name
-    module: str                         # components.<module>
+    module: str                         # what `python -m` runs
     inputs: tuple[str, ...] = ()        # artifacts passed to it, by name
     output: str = ""                    # the artifact it writes
     params: tuple[str, ...] = ()        # params.yaml keys whose change reruns it under DVC
     args: str = ""                      # fixed words after the module (a subcommand)
-    after: tuple[str, ...] = ()         # DVC: artifacts (by name) or paths it depends on without taking
+    depends_on: tuple[str, ...] = ()    # DVC: artifacts (by name) or paths it depends on without taking
                                         #   them as artifact arguments
     path_params: tuple[str, ...] = ()   # DVC: parameters naming what it reads: a dependency when a local
                                         #   path, else (s3://, a git repository) the stage always runs
@@ -52,47 +54,53 @@ class Step:
 
 STEPS = (
     # ---- DEMO ONLY: the default's data and source checkpoint, made offline from scikit-learn's digits.
-    Step("demo_digits", "demo_zoo", args="export --source-out data/raw/digits-0-4 --target-out data/raw/digits-5-9",
+    Step("demo_digits", "demo.digits", args="data/raw/digits-0-4 data/raw/digits-5-9",
          params=("demo.source_classes", "demo.target_classes"), runners=("dvc",), demo=True,
          outs=("data/raw/digits-0-4", "data/raw/digits-5-9")),
-    Step("demo_zoo", "demo_zoo", args="publish --source data/raw/digits-0-4 --out zoo/resnet18-digits-0-4.pt",
-         params=("demo",), runners=("dvc",), demo=True, after=("data/raw/digits-0-4",),
+    Step("demo_zoo", "demo.zoo", args="data/raw/digits-0-4 zoo/resnet18-digits-0-4.pt",
+         params=("demo",), runners=("dvc",), demo=True, depends_on=("data/raw/digits-0-4",),
          outs=("zoo/resnet18-digits-0-4.pt",)),
     # ---- Kubeflow only: moving inputs (an S3 prefix, a git branch, a registry alias) pinned to
     # immutable values that the steps after it take as inputs, so Kubeflow's cache follows content.
     # DVC needs no such step: it hashes local dependencies itself, and a stage reading a remote
     # source always runs.
-    Step("resolve", "resolve", params=("data", "pretrained"), runners=("kubeflow",), cache=False,
+    Step("resolve", "components.resolve", params=("data", "pretrained"), runners=("kubeflow",), cache=False,
          credentials=True, values=("data_version", "pretrained_uri", "pretrained_version")),
     # ---- the six steps
-    Step("data", "data", output="dataset", params=("data",), path_params=("data.source",), credentials=True),
-    Step("augment", "augment", inputs=("dataset",), output="policy", params=("augment",), credentials=True),
-    Step("fetch_pretrained", "fetch_pretrained", output="weights", params=("pretrained",),
+    Step("data", "components.data", output="dataset", params=("data",), path_params=("data.source",), credentials=True),
+    Step("augment", "components.augment", inputs=("dataset",), output="policy", params=("augment",), credentials=True),
+    Step("fetch_pretrained", "components.fetch_pretrained", output="weights", params=("pretrained",),
          path_params=("pretrained.uri",), credentials=True),
-    Step("finetune", "finetune", inputs=("dataset", "policy", "weights"), output="model", params=("finetune",),
+    Step("finetune", "components.finetune", inputs=("dataset", "policy", "weights"), output="model", params=("finetune",),
          credentials=True, gpu=True),
-    Step("tracking", "tracking", args="target", output="tracking_target", params=("tracking",),
+    Step("tracking", "components.tracking", args="target", output="tracking_target", params=("tracking",),
          always_changed=True, runners=("dvc",)),
-    Step("validate", "validate", inputs=("dataset", "policy", "weights", "model"), output="reports",
-         params=("validate", "register.model_name", "register.alias"), after=("tracking_target",),
+    Step("validate", "components.validate", inputs=("dataset", "policy", "weights", "model"), output="reports",
+         params=("validate", "register.model_name", "register.alias"), depends_on=("tracking_target",),
          cache=False, credentials=True),
-    Step("register", "register", inputs=("reports",), output="registration", params=("register",),
+    Step("register", "components.register", inputs=("reports",), output="registration", params=("register",),
          cache=False, when="validate", credentials=True),
 )
 
+
+
+def _in(artifact: str, name: str) -> str:
+    """A file of an artifact in the DVC workspace (its name from the artifact's module)."""
+    return f"{ARTIFACTS[artifact]}/{name}"
+
+
 # DVC metrics and plots (`dvc metrics show`, `dvc plots show`), from the artifacts above.
-METRICS = ("artifacts/validate/metrics.json",)
+METRICS = (_in("reports", reports.METRICS),)
 PLOTS = (
-    {"loss": {"template": "linear", "x": "epoch", "y": {"artifacts/model/history.json": ["train_loss", "val_loss"]}}},
+    {"loss": {"template": "linear", "x": "epoch", "y": {_in("model", model.HISTORY): ["train_loss", "val_loss"]}}},
     {"accuracy": {"template": "linear", "x": "epoch",
-                  "y": {"artifacts/model/history.json": ["train_accuracy", "val_accuracy"]}}},
-    {"confusion": {"template": "confusion", "x": "actual", "y": {"artifacts/validate/predictions.csv": "predicted"}}},
-    {"calibration": {"template": "simple", "x": "confidence", "y": {"artifacts/validate/calibration.csv": "accuracy"}}},
-    "artifacts/validate/confusion_matrix.png",
-    "artifacts/validate/reliability.png",
-    "artifacts/validate/misclassified.png",
-    "artifacts/augment/preview.png",
-    "artifacts/model/training_curves.png",
+                  "y": {_in("model", model.HISTORY): ["train_accuracy", "val_accuracy"]}}},
+    {"confusion": {"template": "confusion", "x": "actual", "y": {_in("reports", reports.PREDICTIONS): "predicted"}}},
+    {"calibration": {"template": "simple", "x": "confidence",
+                     "y": {_in("reports", reports.CALIBRATION): "accuracy"}}},
+    *(_in("reports", name) for _, name in reports.PICTURES),
+    _in("policy", policy.PREVIEW),
+    _in("model", model.CURVES),
 )
 
 

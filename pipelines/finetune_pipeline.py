@@ -19,7 +19,7 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
-from components.config import ConfigError, load_params
+from components.config import load_params
 from pipelines import image
 from pipelines.dag import Step, producers, steps_for
 
@@ -73,13 +73,14 @@ def augment_op(dataset: Input[Dataset], augment: dict, policy: Output[Artifact],
     """Build the augmentation policy and its preview grid."""
     from pathlib import Path
 
+    from components.artifacts import policy as policy_artifact
     from components.augment import augment as build_policy
     from components.config import AugmentConfig, parse_section
     from pipelines.views import png_html
 
     build_policy(dataset.path, policy.path, parse_section(AugmentConfig, augment, "augment"))
     Path(preview.path).write_text(png_html("Augmentation: originals and draws of the policy",
-                                           Path(policy.path) / "preview.png"))
+                                           policy_artifact.preview(policy.path)))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -102,6 +103,7 @@ def finetune_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input
     from pathlib import Path
 
     from components import finetune as step
+    from components.artifacts import model as model_artifact
     from components.config import FinetuneConfig, TrackingConfig, parse_section
     from pipelines.views import png_html
 
@@ -112,7 +114,7 @@ def finetune_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input
                            "mlflow_run_id": summary["run_id"]})
     for key in ("best_epoch", "epochs_run", "best_val_loss", "best_val_accuracy"):
         metrics.log_metric(key, summary[key])
-    Path(curves.path).write_text(png_html("Training curves", Path(model.path) / "training_curves.png"))
+    Path(curves.path).write_text(png_html("Training curves", model_artifact.curves(model.path)))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -122,10 +124,10 @@ def validate_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input
                 decision: Output[Markdown], report: Output[HTML]) -> bool:
     """Test-split metrics and the gate against thresholds and the champion; completes the MLflow run.
     Returns whether the gate passed."""
-    import json
     from pathlib import Path
 
     from components import validate as step
+    from components.artifacts import reports as reports_artifact
     from components.config import RegisterConfig, TrackingConfig, ValidateConfig, parse_section
     from pipelines.views import gate_markdown, validation_html
 
@@ -133,11 +135,11 @@ def validate_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input
                          parse_section(ValidateConfig, validate, "validate"),
                          parse_section(RegisterConfig, register, "register"),
                          parse_section(TrackingConfig, tracking, "tracking"), "kfp", pipeline_run_id)
-    result = json.loads((Path(reports.path) / "metrics.json").read_text())
+    result = reports_artifact.read_metrics(reports.path)
     for key in ("accuracy", "macro_f1", "min_class_recall", "ece"):
         metrics.log_metric(key, result[key])
     confusion.log_confusion_matrix(result["class_names"], result["confusion_matrix"])
-    reports.metadata.update({"mlflow_run_id": run["run_id"], "passed": gate["passed"]})
+    reports.metadata.update({"mlflow_run_id": run.run_id, "passed": gate["passed"]})
     Path(decision.path).write_text(gate_markdown(gate, run))
     Path(report.path).write_text(validation_html(Path(reports.path)))
     return bool(gate["passed"])
@@ -181,9 +183,7 @@ def _configure(task: dsl.PipelineTask, step: Step, pipeline) -> None:
     task.set_display_name(step.name).set_caching_options(step.cache)
     if step.credentials:
         _with_credentials(task)
-    settings = pipeline.tasks.get(step.name)
-    if settings is None:
-        raise ConfigError(f"params.yaml: pipeline.tasks.{step.name}: missing (cpu, memory, timeout_s, retries)")
+    settings = pipeline.tasks[step.name]
     task.set_cpu_request(settings.cpu).set_cpu_limit(settings.cpu)
     task.set_memory_request(settings.memory).set_memory_limit(settings.memory)
     kubernetes.set_timeout(task, settings.timeout_s)
@@ -249,7 +249,31 @@ def compile_pipeline(out: Path = COMPILED, pipeline=finetune_pipeline) -> Path:
     from kfp import compiler
 
     compiler.Compiler().compile(pipeline, str(out))
+    out.write_text(stable_header(out.read_text()))
     return out
+
+
+def stable_header(text: str) -> str:
+    """The compiled file with the dict defaults of its header comment in sorted order. KFP writes them in
+    protobuf's map order (kfp 2.17.0, compiler/pipeline_spec_builder.py, the "# PIPELINE DEFINITION"
+    comment), which changes from one process to the next; the spec below it is sorted already. So a
+    `generate` that changes nothing changes no byte."""
+    import ast
+    import re
+
+    def ordered(value):
+        if isinstance(value, dict):
+            return {k: ordered(value[k]) for k in sorted(value)}
+        return [ordered(v) for v in value] if isinstance(value, list) else value
+
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        match = re.fullmatch(r"(#    \w+: dict \[Default: )(\{.*\})\]", line)
+        if match:
+            lines[i] = f"{match.group(1)}{ordered(ast.literal_eval(match.group(2)))}]"
+    return "\n".join(lines)
 
 
 def _existing_path(value: str, what: str) -> str:
@@ -266,7 +290,7 @@ def run_local(params_file: Path, pipeline_root: Path):
 
     import kfp.local
 
-    from components.tracking import DEFAULT_STORE
+    from components.tracking.store import DEFAULT_STORE
 
     params = load_params(params_file)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / DEFAULT_STORE}")  # the store DVC runs use

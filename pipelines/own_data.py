@@ -19,8 +19,8 @@ from urllib.parse import urlparse
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
 
-from components import models
 from components.config import ConfigError, load_params
+from components.models import architectures
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ def arch_of(weights: str, arch: str | None) -> str:
 def freeze_point(arch: str) -> str:
     """Freeze the first two thirds of the backbone's stages: resnet -> layer4, networks with a
     `features` sequence (mobilenet, efficientnet, convnext) -> features.<2/3 of its length>."""
-    net = models.build(arch, 2)
+    net = architectures.build(arch, 2)
     if hasattr(net, "layer4"):
         return "layer4"
     features = getattr(net, "features", None)

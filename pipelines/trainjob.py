@@ -1,7 +1,7 @@
 """The fine-tune step across nodes: a Kubeflow Trainer TrainJob (trainer.kubeflow.org/v1alpha1, Trainer 2.3)
 on the `torch-distributed` runtime Trainer installs. Every node runs `torchrun -m components.finetune` in the
 component image; torchrun reads the node count, rank and rendezvous address that Trainer sets (PET_*), and the
-step trains data-parallel as it does on one node (components/distributed.py): rank 0 writes the model and
+step trains data-parallel as it does on one node (components/training/distributed.py): rank 0 writes the model and
 the MLflow run.
 
     python -m pipelines generate       # also writes infra/k8s/trainjob/trainjob.yaml from params.yaml

@@ -6,6 +6,9 @@ import base64
 import html
 from pathlib import Path
 
+from components.artifacts import reports as reports_artifact
+from components.artifacts.run_record import RunRecord
+
 
 def _img(title: str, png: Path) -> str:
     data = base64.b64encode(Path(png).read_bytes()).decode()
@@ -18,11 +21,9 @@ def png_html(title: str, png: Path) -> str:
 
 def validation_html(reports: Path) -> str:
     """The validate step's pictures and per-class table on one page."""
-    rows = Path(reports, "per_class.csv").read_text().strip().splitlines()
-    table = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r.split(",")) + "</tr>" for r in rows)
-    parts = [_img(t, Path(reports, f)) for t, f in (("Confusion matrix", "confusion_matrix.png"),
-                                                    ("Reliability diagram", "reliability.png"),
-                                                    ("Most confident mistakes", "misclassified.png"))]
+    rows = reports_artifact.per_class_rows(reports)
+    table = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    parts = [_img(title, path) for title, path in reports_artifact.pictures(reports)]
     return f"<html><body><h3>Per class</h3><table border=1>{table}</table>{''.join(parts)}</body></html>"
 
 
@@ -41,9 +42,9 @@ def data_report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def gate_markdown(gate: dict, run: dict) -> str:
+def gate_markdown(gate: dict, run: RunRecord) -> str:
     verdict = "**PASSED**" if gate["passed"] else "**FAILED**: " + "; ".join(gate["reasons"])
-    lines = [f"### Validation gate: {verdict}", "", f"MLflow run `{run['run_id']}` ({run['run_name']})", "",
+    lines = [f"### Validation gate: {verdict}", "", f"MLflow run `{run.run_id}` ({run.run_name})", "",
              "| check | value | threshold | passed |", "|---|---|---|---|"]
     for c in gate["checks"]:
         lines.append(f"| {c['name']} | {c['value']:.4f} | {c['threshold']} | {'yes' if c['passed'] else 'no'} |")

@@ -21,10 +21,11 @@ sys.path.insert(0, str(ROOT / "infra"))
 from local_stack import free_port  # noqa: E402,F401  the stack's port picker, for the tests' servers
 
 # What the unit tests hold constant, on top of params.yaml: plain training (none of the demo's
-# freezing, re-initialising, schedule or checkpoints) and a gate with no thresholds.
+# freezing, re-initialising, schedule or checkpoints) in fp32 whatever `precision: auto` picks (the tests
+# of precision ask for theirs), and a gate with no thresholds.
 PLAIN_TRAINING = dict(freeze=[], freeze_until="", reinit=[], unfreeze=[], lr_groups=[], schedule="constant",
                       warmup_epochs=0, min_delta=0.0, checkpoint_dir="", optimizer="sgd", lr=0.01, batch_size=32,
-                      max_epochs=10, patience=3)
+                      max_epochs=10, patience=3, precision="fp32")
 NO_THRESHOLDS = dict(min_accuracy=0.0, min_macro_f1=0.0, min_class_recall=0.0)
 
 
@@ -79,11 +80,12 @@ def save_checkpoint(path: Path, arch: str, class_names: list[str], seed: int = 0
     """A zoo checkpoint (checkpoint-v1) of a randomly initialised torchvision model."""
     import torch
 
-    from components import models
+    from components.artifacts import checkpoint
+    from components.models import architectures as models
 
     torch.manual_seed(seed)
     net = models.build(arch, len(class_names))
-    torch.save({"format": models.CHECKPOINT_FORMAT, "arch": arch, "class_names": class_names,
+    torch.save({"format": checkpoint.FORMAT, "arch": arch, "class_names": class_names,
                 "state_dict": net.state_dict()}, path)
     return path
 

@@ -2,7 +2,9 @@ import pytest
 import torch
 from PIL import Image
 
-from components.augment import augment, eval_transform, load_policy, train_transform
+from components.artifacts.policy import read as load_policy
+from components.augment import augment
+from components.training.transforms import eval_transform, train_transform
 from components.config import AugmentConfig, ConfigError, parse_section
 from components.data import prepare
 from helpers import data_cfg, policy_cfg

@@ -68,3 +68,13 @@ def test_a_kubeflow_task_setting_is_checked_and_named(tmp_path):
     path = _write(tmp_path, lambda p: p["pipeline"]["tasks"]["data"].update(cpu="two cores"))
     with pytest.raises(ConfigError, match=r"params.yaml: pipeline.tasks.data.cpu: String should match pattern"):
         load_params(path)
+
+
+def test_a_kubeflow_task_name_that_is_not_a_task_is_refused_and_a_missing_one_named(tmp_path):
+    typo = _write(tmp_path, lambda p: p["pipeline"]["tasks"].update(regsiter=p["pipeline"]["tasks"]["register"]))
+    with pytest.raises(ConfigError, match=r"params.yaml: pipeline.tasks.regsiter.\[key\]: Input should be 'resolve', "
+                                          r"'data', .* or 'register'"):
+        load_params(typo)
+    missing = _write(tmp_path, lambda p: p["pipeline"]["tasks"].pop("register"))
+    with pytest.raises(ConfigError, match=r"params.yaml: pipeline: tasks: no settings for register \(cpu, memory"):
+        load_params(missing)

@@ -9,8 +9,8 @@ from PIL import Image
 
 from components.config import DataConfig
 from components.data import DataError, prepare
-from components.dataset import read_split
-from components.images import decode
+from components.artifacts import dataset
+from components.storage.images import decode
 from helpers import data_cfg, make_imagefolder
 
 
@@ -34,7 +34,7 @@ def test_split_is_deterministic_and_every_class_is_in_every_split(image_folder, 
     # the artifact references the images in the folder read; it copies none of them
     assert not (tmp_path / "a" / "images").exists()
     assert json.loads((tmp_path / "a" / "source.json").read_text()) == {"kind": "folder", "location": str(image_folder)}
-    (path, label), = read_split(tmp_path / "a", "test", pick=lambda rows: rows[:1])
+    (path, label, _), = dataset.images(tmp_path / "a", "test", pick=lambda rows: rows[:1])
     row = next(r for r in _manifest(tmp_path / "a").values() if r["split"] == "test")
     assert path == image_folder / row["path"] and label == row["label"] == row["path"].split("/")[0]
 
@@ -101,7 +101,7 @@ def test_unreadable_images_are_rejected_naming_each_file_and_nothing_is_written(
     with pytest.raises(DataError) as err:
         prepare(image_folder, out, _cfg(image_folder))
     message = str(err.value)
-    assert "3 unreadable image file(s)" in message
+    assert "3 unusable image file(s)" in message
     assert "truncated.png: truncated or corrupt image data" in message
     assert "notes.jpg: not a recognised image format" in message
     assert "empty.png: empty file (0 bytes)" in message
@@ -133,7 +133,7 @@ def test_empty_class_folder_is_rejected_together_with_every_unreadable_file(imag
     with pytest.raises(DataError) as err:
         prepare(image_folder, tmp_path / "out", _cfg(image_folder))
     assert "hexagon: class folder has no image files" in str(err.value)
-    assert "1 unreadable image file(s)" in str(err.value) and "cut.png" in str(err.value)  # in the same message
+    assert "1 unusable image file(s)" in str(err.value) and "cut.png" in str(err.value)  # in the same message
 
 
 def test_class_too_small_for_the_split_is_named(tmp_path):
@@ -157,7 +157,7 @@ def test_names_with_spaces_and_non_ascii_work(tmp_path):
                                                         seed=3, workers=1))
     assert report["classes"] == ["chat noir", "éléphant"]
     assert "chat noir/photo de Zoé 1.png" in _manifest(tmp_path / "out")
-    assert all(path.exists() for split in ("train", "val", "test") for path, _ in read_split(tmp_path / "out", split))
+    assert all(path.exists() for split in ("train", "val", "test") for path, *_ in dataset.images(tmp_path / "out", split))
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -237,6 +237,30 @@ def test_symlink_pointing_outside_the_dataset_is_rejected(image_folder, tmp_path
     with pytest.raises(DataError, match=r"link.png: symlink pointing outside the dataset folder") as err:
         prepare(image_folder, tmp_path / "out", _cfg(image_folder))
     assert "inside.png" not in str(err.value)
+
+
+def test_a_class_folder_that_links_outside_the_dataset_is_rejected(image_folder, tmp_path):
+    elsewhere = make_imagefolder(tmp_path / "elsewhere", {"hexagon": 4})
+    (image_folder / "hexagon").symlink_to(elsewhere / "hexagon", target_is_directory=True)
+    with pytest.raises(DataError, match=r"hexagon/img-000.png: in a symlinked folder, pointing outside the dataset "
+                                        r"folder") as err:
+        prepare(image_folder, tmp_path / "out", _cfg(image_folder))
+    assert "4 unusable image file(s)" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_image_in_two_class_folders_is_refused_or_with_skip_dropped_from_both(image_folder, tmp_path):
+    shutil.copy(image_folder / "circle" / "img-003.png", image_folder / "square" / "copied-from-circle.png")
+    with pytest.raises(DataError) as err:
+        prepare(image_folder, tmp_path / "out", _cfg(image_folder))
+    message = str(err.value)
+    assert "circle/img-003.png: the same bytes are also in class folder(s) square: one image, two labels" in message
+    assert "square/copied-from-circle.png: the same bytes are also in class folder(s) circle" in message
+    report = prepare(image_folder, tmp_path / "skip", _cfg(image_folder, on_invalid="skip", max_invalid_fraction=0.1))
+    excluded = {e["path"] for e in report["excluded"]}
+    assert excluded == {"circle/img-003.png", "square/copied-from-circle.png"}
+    kept = {r.path for split in ("train", "val", "test") for r in dataset.rows(tmp_path / "skip", split)}
+    assert not kept & excluded and len(kept) == 89
 
 
 def _bad_corpus(folder):

@@ -114,7 +114,7 @@ def test_a_process_that_fails_stops_the_others_and_the_step_exits_with_its_code(
 
 def test_auto_devices_is_one_process_per_visible_gpu_and_one_on_a_cpu(monkeypatch):
     # No GPU on this machine: torch's CUDA queries are replaced to stand for a pod with 4 (a mock, by need).
-    from components import distributed
+    from components.training import distributed
     from helpers import finetune_cfg
 
     assert distributed.processes_per_node(finetune_cfg(devices="auto")) == 1
@@ -124,3 +124,14 @@ def test_auto_devices_is_one_process_per_visible_gpu_and_one_on_a_cpu(monkeypatc
     assert distributed.processes_per_node(finetune_cfg(devices="auto")) == 4
     with pytest.raises(distributed.ConfigError, match="finetune.devices: 8 processes asked for, 4 GPUs visible"):
         distributed.processes_per_node(finetune_cfg(devices=8))
+
+
+def test_synchronised_batchnorm_on_cpu_processes_is_refused_before_any_starts(artifacts, tmp_path):
+    """PyTorch's SyncBatchNorm reduces statistics between GPUs only (torch/nn/modules/batchnorm.py,
+    SyncBatchNorm.forward); on CPU processes the setting is a configuration error, not a crash in epoch 1.
+    (Where GPUs are, it converts the trained BatchNorm layers: no GPU here to run that.)"""
+    _, stderr = _run(artifacts, tmp_path, "sync", 2, artifacts / "aug", expect=2, sync_batchnorm=True)
+    assert stderr.strip().splitlines()[-1] == (
+        "finetune: error: finetune.sync_batchnorm: synchronised BatchNorm needs GPUs; these 2 processes run on "
+        "CPUs, where each normalises its share of the batch (set it to false)")
+    assert "data-parallel processes" not in stderr  # refused before the launcher started any

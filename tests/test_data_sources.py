@@ -5,9 +5,12 @@ import subprocess
 
 import pytest
 
+from components.artifacts import dataset
+from components.artifacts.dataset import DatasetError
 from components.config import DataConfig
 from components.data import prepare
-from components.data_sources import SourceError, describe, redact, safe_join
+from components.redaction import redact
+from components.storage.sources import SourceError, describe, safe_join
 from helpers import data_cfg, dvc_data_repo, make_imagefolder
 
 
@@ -90,7 +93,6 @@ def test_credentials_in_a_repository_url_never_reach_the_report():
 
 def test_an_s3_dataset_is_a_manifest_of_references_and_steps_fetch_only_what_they_use(s3_env, image_folder,
                                                                                       tmp_path, monkeypatch):
-    from components.dataset import DatasetError, read_split
 
     for path in image_folder.rglob("*.png"):
         s3_env["client"].upload_file(str(path), "data", f"refs/{path.relative_to(image_folder).as_posix()}")
@@ -100,17 +102,17 @@ def test_an_s3_dataset_is_a_manifest_of_references_and_steps_fetch_only_what_the
     assert (tmp_path / "ds" / "source.json").read_text().count("s3://data/refs/") == 1
     # Another machine (an empty cache): a step asking for two images downloads two, verified by sha256.
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache-other-pod"))
-    two = read_split(tmp_path / "ds", "train", pick=lambda rows: rows[:2])
+    two = dataset.images(tmp_path / "ds", "train", pick=lambda rows: rows[:2])
     assert len(list((tmp_path / "cache-other-pod" / "sha256").iterdir())) == 2
     rows = {r["sha256"]: r for r in csv.DictReader(open(tmp_path / "ds" / "manifest.csv"))}
-    for path, label in two:  # the cached copy is the S3 object's bytes, by its sha256
+    for path, label, _ in two:  # the cached copy is the S3 object's bytes, by its sha256
         assert rows[path.name]["label"] == label
         assert path.read_bytes() == (image_folder / rows[path.name]["path"]).read_bytes()
     prepare(image_folder, tmp_path / "local", _cfg(image_folder))  # the same images, read in place
-    assert sorted(p.read_bytes() for p, _ in read_split(tmp_path / "ds", "test")) == \
-        sorted(p.read_bytes() for p, _ in read_split(tmp_path / "local", "test"))
+    assert sorted(p.read_bytes() for p, *_ in dataset.images(tmp_path / "ds", "test")) == \
+        sorted(p.read_bytes() for p, *_ in dataset.images(tmp_path / "local", "test"))
     # An object replaced after the data step read it is refused, not trained on.
     victim = next(r for r in csv.DictReader(open(tmp_path / "ds" / "manifest.csv")) if r["split"] == "val")
     s3_env["client"].put_object(Bucket="data", Key=f"refs/{victim['path']}", Body=b"not the same image")
     with pytest.raises(DatasetError, match=f"s3://data/refs/{victim['path']} changed after the data step read it"):
-        read_split(tmp_path / "ds", "val")
+        dataset.images(tmp_path / "ds", "val")

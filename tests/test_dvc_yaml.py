@@ -16,15 +16,23 @@ def test_dvc_yaml_in_the_repository_is_current():
         "dvc.yaml is stale: run `make generate` and commit it"
 
 
-def test_each_stage_depends_on_every_module_its_step_imports():
+def test_each_stage_depends_on_every_module_its_step_imports_and_on_no_other():
     stages = _stages()
-    # the modules the review found missing: decoding, the dataset reader, the models
-    finetune = set(stages["finetune"]["deps"])
-    assert {"components/images.py", "components/dataset.py", "components/tracking.py"} <= finetune
-    assert {"components/models.py", "components/images.py", "components/dataset.py", "components/serving.py"} \
-        <= set(stages["validate"]["deps"])
-    assert {"components/dataset.py", "components/images.py"} <= set(stages["augment"]["deps"])
-    assert "components/finetune.py" not in stages["data"]["deps"]  # only what it imports
+    deps = {name: set(stage["deps"]) for name, stage in stages.items()}
+    # the modules the review found missing once: decoding, the dataset reader, the models
+    assert {"components/storage/images.py", "components/artifacts/dataset.py", "components/tracking/runs.py",
+            "components/training/loop.py"} <= deps["finetune"]
+    assert {"components/models/architectures.py", "components/storage/images.py", "components/artifacts/dataset.py",
+            "components/models/serving.py"} <= deps["validate"]
+    assert {"components/artifacts/dataset.py", "components/storage/images.py"} <= deps["augment"]
+    assert "components/finetune.py" not in deps["data"]  # only what it imports
+    # what the served model checks of a request is not part of training: editing it retrains nothing
+    assert "components/models/serving.py" not in deps["finetune"]
+    # the demo's digits do not follow the trainer's edits; its zoo trains with the trainer, not through the step
+    assert not any(d.startswith(("components/training/", "components/tracking/")) for d in deps["demo_digits"])
+    assert "components/finetune.py" not in deps["demo_zoo"] and "components/training/loop.py" in deps["demo_zoo"]
+    # a package run with -m: its __main__.py and the __init__.py files on the way
+    assert {"components/tracking/__init__.py", "components/tracking/__main__.py"} <= deps["tracking"]
 
 
 def test_a_stage_whose_command_reads_another_stages_output_depends_on_it():
@@ -52,6 +60,13 @@ def test_import_closure_follows_imports_inside_functions_and_skips_other_package
     assert dvc_yaml.import_closure("components.step", tmp_path) == [
         "components/__init__.py", "components/deep.py", "components/lazy.py", "components/shared.py",
         "components/step.py"]
+    (pkg / "tool").mkdir()
+    (pkg / "tool" / "__init__.py").write_text("")
+    (pkg / "tool" / "__main__.py").write_text("from components.tool.part import y\n")
+    (pkg / "tool" / "part.py").write_text("y = 3\n")
+    assert dvc_yaml.import_closure("components.tool", tmp_path) == [
+        "components/__init__.py", "components/tool/__init__.py", "components/tool/__main__.py",
+        "components/tool/part.py"]
 
 
 def test_local_sources_are_dependencies_and_remote_ones_make_the_stage_always_run():

@@ -1,11 +1,12 @@
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-from components import models
+from components.models import architectures as models
 from components.fetch_pretrained import FetchError, fetch
 from helpers import pretrained_cfg, save_checkpoint
 
@@ -38,19 +39,43 @@ def test_matching_pin_passes_and_mismatch_is_a_clear_error(zoo_file, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_torchvision_weights_load_from_torch_home_offline(tmp_path, monkeypatch):
-    """The real torchvision path: the weights API names the file, torch.hub's cache holds it."""
+def _place_in_torch_home(tmp_path, monkeypatch, name: str | None = None) -> Path:
+    """A resnet18 state dict in $TORCH_HOME/hub/checkpoints, as torch.hub keeps a download; `name`: its
+    file name (default: resnet18-<first 8 hex of its own SHA-256>.pth, as torchvision names its files)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    cached = tmp_path / "torch-home" / "hub" / "checkpoints" / os.path.basename(weights.url)
-    cached.parent.mkdir(parents=True)
+    folder = tmp_path / "torch-home" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
     torch.manual_seed(1)
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), cached)  # a plain state dict, as published
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), folder / "weights.pth")
+    final = folder / (name or f"resnet18-{_sha(folder / 'weights.pth')[:8]}.pth")
+    (folder / "weights.pth").rename(final)
+    return final
+
+
+def test_torchvision_weights_load_from_torch_home_offline(tmp_path, monkeypatch):
+    """The real torchvision path: the weights API names the file, torch.hub's cache holds it, its name's hash
+    is checked. The real IMAGENET1K_V1 file cannot be had here, so the weights entry is one whose URL names
+    the file this test made (a stand-in for torchvision's registry; its class names are the real entry's)."""
+    cached = _place_in_torch_home(tmp_path, monkeypatch)
+    real = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    entry = type("Weights", (), {"url": f"https://download.pytorch.org/models/{cached.name}", "meta": real.meta})
+    monkeypatch.setattr(torchvision.models, "get_model_weights", lambda arch: {"IMAGENET1K_V1": entry})
     info = fetch(pretrained_cfg(uri="torchvision://resnet18?weights=IMAGENET1K_V1", arch="resnet18"),
                  tmp_path / "out")
     assert info["sha256"] == _sha(cached)
     assert info["num_classes"] == 1000
     assert info["class_names"][:2] == ["tench", "goldfish"]  # from the weights' own metadata
+
+
+def test_a_torchvision_file_whose_bytes_do_not_have_the_hash_its_name_says_is_refused(tmp_path, monkeypatch):
+    """torch.hub checks a download's hash only while downloading; a file already in the cache (another
+    file under the official name, a damaged one) is checked here on every run."""
+    official = os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)  # resnet18-f37072fd.pth
+    cached = _place_in_torch_home(tmp_path, monkeypatch, name=official)
+    with pytest.raises(FetchError, match=r"does not have the SHA-256 its name says \(f37072fd\.\.\.\): a damaged or "
+                                         r"substituted file; delete it and fetch it again"):
+        fetch(pretrained_cfg(uri="torchvision://resnet18?weights=IMAGENET1K_V1", arch="resnet18"), tmp_path / "out")
+    assert cached.exists() and not (tmp_path / "out").exists()
 
 
 def test_torchvision_weights_missing_offline_say_where_they_were_looked_for(tmp_path, monkeypatch):

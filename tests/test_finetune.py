@@ -1,11 +1,15 @@
+import json
+
 import pytest
 import torch
 from torch import nn
 
-from components import models
+from components.models import architectures as models
 from components.config import ConfigError
 from components.fetch_pretrained import fetch
-from components.finetune import finetune, fit, make_loaders
+from components.finetune import finetune
+from components.training.loaders import make_loaders
+from components.training.loop import predict
 from helpers import POLICY as POLICY_VALUES
 from helpers import finetune_cfg, policy_cfg, pretrained_cfg
 from helpers import save_checkpoint
@@ -54,15 +58,43 @@ def test_output_layer_is_kept_when_the_classes_are_the_same(artifacts, tmp_path)
     assert torch.allclose(after, head, atol=1e-6)  # started from the old head, not a fresh one
 
 
-def test_early_stopping_returns_the_best_epochs_weights_not_the_last(artifacts):
-    cfg = FAST.model_copy(update={"freeze": [], "max_epochs": 6, "patience": 1, "min_delta": 1e6})
+def _best_by_definition(history: list[dict], min_delta: float) -> int:
+    """The epoch early stopping must call best: the last whose validation loss beat the best before it
+    by more than min_delta (written out here, independently of the trainer's code)."""
+    best_loss, best_epoch = float("inf"), 0
+    for row in history:
+        if row["val_loss"] < best_loss - min_delta:
+            best_loss, best_epoch = row["val_loss"], row["epoch"]
+    return best_epoch
+
+
+def test_the_reported_best_epoch_is_the_saved_epoch_when_a_later_epoch_improves_by_less_than_min_delta(
+        artifacts, tmp_path):
+    cfg = FAST.model_copy(update={"freeze": [], "max_epochs": 6, "patience": 6, "min_delta": 0.0})
+    free = finetune(artifacts / "data", artifacts / "aug", artifacts / "pre", tmp_path / "free", cfg)
+    history = json.loads((tmp_path / "free" / "history.json").read_text())
+    lowest = min(history, key=lambda r: r["val_loss"])
+    assert lowest["epoch"] > 1 and free["best_epoch"] == lowest["epoch"]
+    # A min_delta larger than the lowest epoch's improvement: the same training (patience covers every
+    # epoch), but the lowest loss no longer counts as an improvement, so another epoch is the best.
+    before = min(r["val_loss"] for r in history if r["epoch"] < lowest["epoch"])
+    min_delta = 2 * (before - lowest["val_loss"])
+    summary = finetune(artifacts / "data", artifacts / "aug", artifacts / "pre", tmp_path / "strict",
+                       cfg.model_copy(update={"min_delta": min_delta}))
+    expected = _best_by_definition(history, min_delta)
+    assert expected != lowest["epoch"]
+    assert summary["best_epoch"] == expected
+    assert json.loads((tmp_path / "strict" / "summary.json").read_text())["best_epoch"] == expected
+    saved = torch.load(tmp_path / "strict" / "model.pt", weights_only=True)
+    assert saved["summary"]["best_epoch"] == expected
+    assert summary["best_val_loss"] == pytest.approx(history[expected - 1]["val_loss"])
+    # the saved weights are that epoch's: evaluated again, they give its validation loss
     model = models.build("resnet18", 3)
-    train_loader, val_loader = make_loaders(artifacts / "data", POLICY, cfg, ["circle", "square", "triangle"])
-    best_state, history = fit(model, train_loader, val_loader, cfg)
-    assert len(history) == 2  # epoch 1 sets the best; epoch 2 cannot beat it by min_delta: stop
-    model.load_state_dict(best_state)
-    logits, y = models.predict(model, val_loader)
-    assert nn.functional.cross_entropy(logits, y).item() == pytest.approx(history[0]["val_loss"], rel=1e-5)
+    model.load_state_dict(saved["state_dict"])
+    _, val_loader = make_loaders(artifacts / "data", POLICY, cfg, ["circle", "square", "triangle"])
+    logits, y = predict(model, val_loader)
+    assert nn.functional.cross_entropy(logits, y).item() == pytest.approx(history[expected - 1]["val_loss"],
+                                                                          rel=1e-4)
 
 
 def test_freeze_pattern_that_matches_nothing_is_named():

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from components import models
+from components.models import architectures as models
 from components import validate as validate_step
+from components.artifacts import reports
 from components.augment import augment
-from components.compare import paired_comparison
+from components.evaluation.comparison import paired_comparison
 from components.config import RegisterConfig
 from components.data import prepare
-from components.demo_zoo import export_digits
+from demo.digits import export_digits
 from components.fetch_pretrained import fetch
 from components.finetune import finetune
 from components.register import register
@@ -98,7 +99,7 @@ def test_without_a_champion_the_thresholds_alone_decide(digits, server, tmp_path
     reg = register_cfg(model_name="digits-first")
     gate = _pipeline_run(digits, "good", tmp_path / "v", reg, validate_cfg(min_accuracy=0.5))
     assert gate["passed"]
-    assert gate["champion"] == {"skipped": "no champion yet: the thresholds alone decide"}
+    assert gate["champion"] == {"status": "no_champion", "skipped": "no champion yet: the thresholds alone decide"}
     result = register(tmp_path / "v", tmp_path / "r.json", reg)
     assert result["promoted"] and result["aliases"] == ["challenger", "champion"]
 
@@ -119,7 +120,7 @@ def test_challenger_worse_than_the_champion_fails_the_gate_with_the_test_in_the_
     assert logged["champion"]["champion_metrics"]["accuracy"] == gate["champion"]["champion_accuracy"] > 0.6
 
     from pipelines.views import gate_markdown, validation_html  # what the Kubeflow UI shows
-    page = gate_markdown(gate, json.loads((tmp_path / "b" / "run.json").read_text()))
+    page = gate_markdown(gate, reports.read_run(tmp_path / "b"))
     assert "FAILED" in page and "Against champion v1" in page and "McNemar exact p-value" in page
     assert validation_html(tmp_path / "b").count("data:image/png;base64,") == 3
 
@@ -224,3 +225,45 @@ def test_the_challenger_alias_never_moves_back_to_an_older_version(digits, serve
     again = register(tmp_path / "a", tmp_path / "a-again.json", reg)  # an old run's register, re-run
     assert again["version"] == 1 and again["reused_existing_version"] and again["aliases"] == []
     assert server.get_model_version_by_alias("digits-forward", "challenger").version in (2, "2")
+
+
+def test_with_the_champion_comparison_off_the_thresholds_alone_promote(digits, server, tmp_path):
+    """validate.compare_with_champion: false once blocked promotion for good once a champion existed
+    ("@champion moved from nobody to v1 after validation"): nothing was compared, so nothing can have moved."""
+    reg = register_cfg(model_name="digits-no-compare")
+    _pipeline_run(digits, "good", tmp_path / "a", reg)
+    assert register(tmp_path / "a", tmp_path / "a.json", reg)["aliases"] == ["challenger", "champion"]
+    gate = _pipeline_run(digits, "good-1", tmp_path / "b", reg, validate_cfg(compare_with_champion=False))
+    assert gate["passed"] and gate["champion"]["status"] == "disabled"
+    result = register(tmp_path / "b", tmp_path / "b.json", reg)
+    assert result["promoted"] and result["version"] == 2 and result["aliases"] == ["challenger", "champion"]
+    assert result["promotion"] == ("@champion moved from v1 on the thresholds alone "
+                                   "(validate.compare_with_champion is false)")
+    assert server.get_model_version_by_alias("digits-no-compare", "champion").version in (2, "2")
+
+
+def test_with_manual_promotion_the_same_weights_validated_again_are_not_registered_again(digits, server, tmp_path):
+    """A cached fine-tune and an uncached validate: the same weights reach register on every run. With no
+    champion (manual promotion) the duplicate check once looked at the champion alone."""
+    reg = register_cfg(model_name="digits-manual-again", promotion="manual")
+    _pipeline_run(digits, "good", tmp_path / "a", reg)
+    first = register(tmp_path / "a", tmp_path / "a.json", reg)
+    _pipeline_run(digits, "good", tmp_path / "b", reg)  # a new run of validate on the same model
+    second = register(tmp_path / "b", tmp_path / "b.json", reg)
+    assert first["registered"] and first["version"] == 1 and not second["registered"]
+    assert second["reason"].startswith("weights identical to v1, sha256 ")
+    assert len(server.search_model_versions("name = 'digits-manual-again'")) == 1
+
+
+def test_validating_against_a_champion_leaves_no_temporary_files(digits, server, tmp_path, monkeypatch):
+    import tempfile
+
+    reg = register_cfg(model_name="digits-tidy")
+    _pipeline_run(digits, "good", tmp_path / "a", reg)
+    register(tmp_path / "a", tmp_path / "a.json", reg)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where every temporary of this process goes
+    gate = _pipeline_run(digits, "good-1", tmp_path / "b", reg, validate_cfg(champion_margin=1.0))
+    assert gate["champion"]["status"] == "compared"  # the champion was downloaded and judged
+    assert sorted(p.name for p in scratch.iterdir()) == []

@@ -62,8 +62,8 @@ def test_the_compiled_pipeline_names_the_image_of_its_own_code(tmp_path):
     assert tag == f"registry.example/components:code-{image.code_hash(ROOT)[:12]}"
     assert image.reference("registry.example/components@sha256:" + "0" * 64) .endswith("0" * 64)  # as written
     copy = tmp_path / "repo"
-    for pattern in ("requirements.lock", "components/*.py", "pipelines/*.py"):
-        for path in ROOT.glob(pattern):
+    for pattern in image.IMAGE_FILES:
+        for path in (p for p in ROOT.glob(pattern) if "__pycache__" not in p.parts):
             (copy / path.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
             (copy / path.relative_to(ROOT)).write_bytes(path.read_bytes())
     assert image.code_hash(copy) == image.code_hash(ROOT)

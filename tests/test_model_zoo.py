@@ -16,7 +16,7 @@ from helpers import (
     validate_cfg,
 )
 
-from components import model_zoo
+from components.models import zoo as model_zoo
 from components import validate as validate_step
 from components.fetch_pretrained import FetchError, fetch
 from components.register import register
@@ -128,3 +128,86 @@ def test_registry_champion_is_a_pretrained_source(trained, mlflow_server, monkey
     mlflow.set_tracking_uri(mlflow_server)
     with pytest.raises(FetchError, match=r"no registered model 'shapes-zoo' with alias 'gold'"):
         fetch(pretrained_cfg(uri="models:/shapes-zoo@gold", arch="resnet18"), tmp_path / "o2")
+
+
+def _server(folder, handler_for):
+    """An HTTPS server on loopback with its own certificate; returns (server, base URL, certificate)."""
+    folder.mkdir()
+    return serve_https(folder, handler_for)
+
+
+def test_https_credentials_are_sent_only_to_the_uris_host_and_redirects_stay_on_https(tmp_path, monkeypatch):
+    """A redirect to another host gets no basic-auth header; one to plain http:// is not followed at all."""
+    save_checkpoint(tmp_path / "r18.pt", "resnet18", ["a", "b"])
+    body = (tmp_path / "r18.pt").read_bytes()
+    pin = hashlib.sha256(body).hexdigest()
+    seen = {"origin": [], "mirror": [], "plain": []}
+
+    def recorder(name, respond):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                seen[name].append((self.path, self.headers.get("Authorization")))
+                respond(self)
+
+            def log_message(self, *args):
+                pass
+        return Handler
+
+    def serve_file(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def redirect(location):
+        def respond(h):
+            h.send_response(302)
+            h.send_header("Location", location(h.path))
+            h.end_headers()
+        return respond
+
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), recorder("plain", serve_file))
+    import threading
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    plain_url = f"http://127.0.0.1:{plain.server_address[1]}"
+    mirror, mirror_url, mirror_cert = _server(tmp_path / "mirror", recorder("mirror", serve_file))
+    origin, origin_url, origin_cert = _server(tmp_path / "origin", recorder("origin", redirect(
+        lambda path: (plain_url if path.startswith("/to-http") else mirror_url) + "/r18.pt")))
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(origin_cert.read_bytes() + mirror_cert.read_bytes())
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    secret = "pa(ss)word"
+    host = origin_url.removeprefix("https://")
+    try:
+        info = fetch(pretrained_cfg(f"https://robot:{secret}@{host}/to-mirror.pt", sha256=pin), tmp_path / "pre")
+        assert info["sha256"] == pin
+        assert seen["origin"][0][1].startswith("Basic ")  # the URI's own host gets the credential...
+        assert seen["mirror"] == [("/r18.pt", None)]     # ...the host it redirects to does not
+        with pytest.raises(FetchError, match=r"redirected to http://127\.0\.0\.1:\d+/r18\.pt: only https:// is "
+                                             r"followed") as err:
+            fetch(pretrained_cfg(f"https://robot:{secret}@{host}/to-http.pt", sha256="1" * 64), tmp_path / "p2")
+        assert seen["plain"] == [] and secret not in str(err.value)
+    finally:
+        for server in (plain, mirror, origin):
+            server.shutdown()
+            server.server_close()
+
+
+def test_a_redirect_loop_is_cut_short_with_the_uri_named(tmp_path, monkeypatch):
+    class Loop(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", "/again" + self.path)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server, url, cert = _server(tmp_path / "loop", Loop)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    try:
+        with pytest.raises(FetchError, match=r"download failed \(TooManyRedirects: Exceeded 5 redirects"):
+            fetch(pretrained_cfg(f"{url}/m.pt", sha256="2" * 64), tmp_path / "pre")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -5,11 +5,15 @@ import base64
 import hashlib
 import http.server
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import (
     POLICY,
+    ROOT,
     data_cfg,
     finetune_cfg,
     policy_cfg,
@@ -29,7 +33,8 @@ from components.fetch_pretrained import FetchError, fetch
 from components.redaction import redact
 from components.register import register
 
-SECRETS = {"user": "robot-7f3a", "password": "pw-9b1e5c2d", "signature": "sig-0d4f8a6b9c",
+# The password holds RFC 3986 sub-delimiters, which user information may carry unescaped.
+SECRETS = {"user": "robot-7f3a", "password": "pa(ss)w'o!rd-9b1e", "signature": "sig-0d4f8a6b9c",
            "credential": "AKIAEXAMPLE3KQ", "token": "tok-5e6f7a8b"}
 
 
@@ -46,6 +51,23 @@ SECRETS = {"user": "robot-7f3a", "password": "pw-9b1e5c2d", "signature": "sig-0d
 ])
 def test_redact_removes_user_info_and_credential_parameters_and_keeps_the_rest(uri, expected):
     assert redact(uri) == expected
+
+
+SUB_DELIMITERS = "!$&'()*+,;="  # RFC 3986 section 2.2: allowed unescaped in user information (3.2.1)
+
+
+@pytest.mark.parametrize("char", list(SUB_DELIMITERS))
+@pytest.mark.parametrize("around", ["{}", "error: {} failed", "({})", "'{}'", "[{}]", "see {}."])
+def test_user_information_with_any_sub_delimiter_is_removed_wherever_the_uri_stands(char, around):
+    uri = f"https://ro{char}bot:pa{char}ss{char}word@host.example:8443/m.pt?v=1"
+    text = redact(around.format(uri))
+    assert "bot" not in text and "pa" not in text and "word" not in text, text
+    assert "host.example:8443/m.pt?v=1" in text
+
+
+def test_a_credential_parameter_holding_sub_delimiters_goes_whole():
+    assert redact("(https://h/x?token=ab(c)d'e&v=1)") == "(https://h/x?v=1)"
+    assert redact("https://[::1]:8080/x?sig=s3cr3t") == "https://[::1]:8080/x"
 
 
 @pytest.fixture
@@ -117,6 +139,38 @@ def test_a_secret_planted_in_the_pretrained_uri_reaches_no_output_record_or_log(
     assert _files_holding_secrets(out, store) == []
     logs = capfd.readouterr()
     assert not [name for name, value in SECRETS.items() if value in logs.out + logs.err]
+
+
+def test_the_step_command_lines_print_no_credential(private_zoo, tmp_path):
+    """fetch_pretrained prints the URI it fetched; data names data.repo when it cannot be read."""
+    save_checkpoint(private_zoo["root"] / "r18.pt", "resnet18", ["w", "x"])
+    pin = hashlib.sha256((private_zoo["root"] / "r18.pt").read_bytes()).hexdigest()
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["pretrained"].update(uri=_secret_uri(private_zoo["host"], "r18.pt"), sha256=pin)
+    raw["data"].update(repo=f"https://{SECRETS['user']}:{SECRETS['password']}@127.0.0.1:1/data.git", rev="v1")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    fetched = subprocess.run([sys.executable, "-m", "components.fetch_pretrained", "--params", str(tmp_path / "params.yaml"),
+                              "--out", str(tmp_path / "pre")], capture_output=True, text=True, env=env)
+    data = subprocess.run([sys.executable, "-m", "components.data", "--params", str(tmp_path / "params.yaml"),
+                           "--out", str(tmp_path / "data")], capture_output=True, text=True, env=env)
+    assert fetched.returncode == 0 and private_zoo["host"] in fetched.stdout, fetched.stderr
+    assert data.returncode == 3 and "127.0.0.1:1/data.git" in data.stderr, data.stderr
+    printed = fetched.stdout + fetched.stderr + data.stdout + data.stderr
+    assert not [name for name, value in SECRETS.items() if value in printed], printed
+
+
+def test_the_error_tag_of_a_failed_run_holds_no_credential(artifacts):
+    from components.artifacts.lineage import training_inputs
+    from components.tracking import runs, store
+
+    inputs = training_inputs(artifacts / "data", artifacts / "aug", artifacts / "pre", finetune_cfg().model_dump())
+    with pytest.raises(OSError):
+        with runs.training_run(inputs, tracking_cfg("secrets"), "test", "failing-run") as live:
+            raise OSError(f"cannot reach {_secret_uri('127.0.0.1:1', 'x.pt')} (refused)")
+    error = store.client().get_run(live.run_id).data.tags["error"]
+    assert error.startswith("OSError: cannot reach https://127.0.0.1:1/x.pt?")
+    assert not [name for name, value in SECRETS.items() if value in error], error
 
 
 def test_download_errors_name_the_uri_without_its_credentials(private_zoo, tmp_path):

@@ -7,7 +7,7 @@ import time
 import mlflow
 import pytest
 
-from components.registry import promotion_lock
+from components.tracking.registry import promotion_lock
 
 
 @pytest.fixture
@@ -52,3 +52,30 @@ def test_a_live_holder_keeps_its_lock_past_the_lease_and_a_waiter_is_told_who_ho
         thread.join()
     with promotion_lock(client, "busy", timeout=10, lease=1):  # released by its holder: free at once
         pass
+
+
+def test_a_lock_released_while_a_waiter_asks_for_it_is_taken_not_an_error(tmp_path):
+    """MLflow's SQL store answers a taken name by reading the model that holds it; when its holder deletes
+    it in between, the waiter's create fails with RESOURCE_DOES_NOT_EXIST (seen in two registers racing on a
+    real server). Here that moment is made to happen every time, on a real SQLite store: the holder's delete
+    is slipped in just before the store reads the taken name."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as SqlAlchemyModelRegistryStore
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'registry.db'}")
+    client.create_registered_model("race--promotion-lock", tags={"owner": "the holder", "lease_until": "9e12"})
+    real_get = SqlAlchemyModelRegistryStore.get_registered_model
+    released = []
+
+    def holder_releases_first(store, name):
+        if name == "race--promotion-lock" and not released:
+            released.append(name)
+            store.delete_registered_model(name)  # the holder finishes between the INSERT and this read
+        return real_get(store, name)
+
+    try:
+        SqlAlchemyModelRegistryStore.get_registered_model = holder_releases_first
+        with promotion_lock(client, "race", timeout=10):
+            SqlAlchemyModelRegistryStore.get_registered_model = real_get
+            assert released and client.get_registered_model("race--promotion-lock").tags["owner"] != "the holder"
+    finally:
+        SqlAlchemyModelRegistryStore.get_registered_model = real_get

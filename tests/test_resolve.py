@@ -6,9 +6,10 @@ import subprocess
 
 import mlflow
 import pytest
+import torch
 
 from components.data import prepare
-from components.data_sources import SourceError
+from components.storage.sources import SourceError
 from components.fetch_pretrained import FetchError, fetch
 from components.resolve import resolve
 from helpers import data_cfg, dvc_data_repo, make_imagefolder, pretrained_cfg, save_checkpoint
@@ -74,7 +75,7 @@ def test_a_dvc_revision_resolves_to_its_commit_and_data_reads_that_commit(s3_env
 
 
 def test_a_registry_alias_resolves_to_its_version_and_weights(mlflow_server, tmp_path, monkeypatch):
-    from components.tracking import client
+    from components.tracking.store import client
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
@@ -108,3 +109,48 @@ def test_fetch_refuses_a_file_that_changed_since_it_was_resolved(tmp_path):
     with pytest.raises(FetchError, match=r"zoo.pt: changed since this run resolved it"):
         fetch(pretrained_cfg(zoo), tmp_path / "stale", resolved["pretrained_version"])
     assert not (tmp_path / "stale").exists()
+
+
+def test_fetch_refuses_an_s3_object_replaced_since_it_was_resolved(s3_env, tmp_path, monkeypatch):
+    """resolve pins an S3 object to its ETag; the fetch takes that object or nothing (else Kubeflow would
+    cache content B under the key of content A)."""
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    client = s3_env["client"]
+    client.upload_file(str(save_checkpoint(tmp_path / "a.pt", "resnet18", ["a", "b"])), "zoo", "moving.pt")
+    cfg = pretrained_cfg("s3://zoo/moving.pt")
+    resolved = resolve(data_cfg(make_imagefolder(tmp_path / "raw", {"a": 5, "b": 5})), cfg)
+    assert resolved["pretrained_version"].startswith("etag:")
+    client.upload_file(str(save_checkpoint(tmp_path / "b.pt", "resnet18", ["a", "b"], seed=1)), "zoo", "moving.pt")
+    with pytest.raises(FetchError, match=r"s3://zoo/moving.pt: changed since this run resolved it \(etag:"):
+        fetch(cfg, tmp_path / "stale", resolved["pretrained_version"])
+    assert not (tmp_path / "stale").exists()
+    again = resolve(data_cfg(tmp_path / "raw"), cfg)
+    assert fetch(cfg, tmp_path / "now", again["pretrained_version"])["version"] == again["pretrained_version"]
+
+
+def test_fetch_refuses_registered_weights_that_are_not_those_resolved(mlflow_server, tmp_path, monkeypatch):
+    """A registry version's weights digest (its tag weights_sha256) is the pin: a checkpoint in the artifact
+    store that holds other weights is refused."""
+    from components.models import architectures
+    from components.tracking.store import client
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    mlflow.set_tracking_uri(mlflow_server)
+    registry = client()
+    registry.create_registered_model("pinned-zoo")
+    ours = save_checkpoint(tmp_path / "model.pt", "resnet18", ["a", "b"])
+    (tmp_path / "other").mkdir()
+    other = save_checkpoint(tmp_path / "other" / "model.pt", "resnet18", ["a", "b"], seed=1)
+    digest = architectures.weights_digest(torch.load(ours, weights_only=True)["state_dict"])
+    with mlflow.start_run():
+        mlflow.log_artifact(str(other), "artifacts")  # the store holds other weights than the tag says
+        run_id = mlflow.active_run().info.run_id
+    version = registry.create_model_version("pinned-zoo", f"runs:/{run_id}", run_id,
+                                            tags={"weights_sha256": digest}).version
+    cfg = pretrained_cfg(f"models:/pinned-zoo/{version}")
+    resolved = resolve(data_cfg(make_imagefolder(tmp_path / "raw", {"a": 5, "b": 5})), cfg)
+    assert resolved["pretrained_version"] == f"weights_sha256:{digest}"
+    with pytest.raises(FetchError, match=r"its weights are not those this run resolved \(weights_sha256:"):
+        fetch(cfg, tmp_path / "pre", resolved["pretrained_version"])
+    assert not (tmp_path / "pre").exists()

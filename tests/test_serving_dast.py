@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components import serving
-from components.dataset import read_split
+from components.models import serving
+from components.artifacts import dataset
 from helpers import free_port
 
 TIME_LIMIT_S = 20
@@ -83,9 +83,9 @@ def served(trained, tmp_path):
 
     store = f"sqlite:///{tmp_path / 'serve.db'}"
     mlflow.set_tracking_uri(store)
-    examples = [p for p, _ in read_split(trained / "data", "test")][:2]
+    examples = [p for p, *_ in dataset.images(trained / "data", "test")][:2]
     with mlflow.start_run():
-        info = serving.log_model(trained / "model" / "model.pt", examples)
+        info = serving.log_model(trained / "model" / "model.pt", [p.read_bytes() for p in examples])
     version = mlflow.register_model(info.model_uri, "dast").version
     port = free_port()
     log = open(tmp_path / "serve.log", "w")

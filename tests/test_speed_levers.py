@@ -7,12 +7,15 @@ import shutil
 import pytest
 import torch
 
-from components import models, prefix_cache
+from components.models import architectures as models
+from components.training import prefix_cache
 from components.config import ConfigError
 from components.augment import augment
-from components.dataset import read_split
-from components.distributed import precision
+from components.artifacts import dataset
+from components.training.distributed import precision
+from components.artifacts.policy import read as load_policy
 from components.finetune import finetune
+from components.training.transforms import eval_transform
 from helpers import STILL, finetune_cfg, policy_cfg
 
 
@@ -95,20 +98,35 @@ def test_channels_last_changes_nothing_beyond_float_rounding(artifacts, tmp_path
 
 
 def test_bf16_training_stays_within_its_tolerance(artifacts, tmp_path):
+    """Stated so that it holds wherever bf16 runs: measured on this CPU's AMX kernels and, with
+    ONEDNN_MAX_CPU_ISA (and ATEN_CPU_CAPABILITY=avx2), on AVX-512 BF16, AVX-512 and AVX2 ones: validation
+    losses at most 0.7% apart, predicted probabilities at most 0.0022. (The accuracy of 15 validation images
+    after 3 epochs is no measure: bf16 moved it by 0 to 2 images, 13 points, from one kernel set to the next,
+    at losses 0.65% apart: images near a 50/50 decision flip with the last bit.)"""
     augment(artifacts / "data", tmp_path / "still", policy_cfg(**STILL))
     a, _ = _train(artifacts, tmp_path, "fp32", prefix_cache=False, precision="fp32")
     b, _ = _train(artifacts, tmp_path, "bf16", prefix_cache=False, precision="bf16")
-    # stated tolerance: bf16 keeps 8 bits of mantissa; losses within 5% relative, the same accuracy +-1 image
-    assert [r["val_loss"] for r in b] == pytest.approx([r["val_loss"] for r in a], rel=5e-2)
-    n_val = len(read_split(artifacts / "data", "val"))
-    assert abs(b[-1]["val_accuracy"] - a[-1]["val_accuracy"]) <= 1 / n_val + 1e-9
+    # bf16 keeps 8 bits of mantissa: the same training's validation losses within 2% relative
+    assert [r["val_loss"] for r in b] == pytest.approx([r["val_loss"] for r in a], rel=2e-2)
+    # the same weights evaluated in bf16: probabilities within 0.01, the same class wherever fp32 decides
+    model = models.build("resnet18", 3)
+    model.load_state_dict(torch.load(tmp_path / "fp32" / "model.pt", weights_only=True)["state_dict"])
+    model.eval()
+    images = torch.stack([eval_transform(load_policy(tmp_path / "still"))(dataset.load(image))
+                          for split in ("train", "val", "test") for image in dataset.images(artifacts / "data", split)])
+    with torch.no_grad():
+        p32 = model(images).softmax(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            p16 = model(images).float().softmax(1)
+    assert (p16 - p32).abs().max().item() < 0.01
+    top = p32.topk(2, dim=1).values
+    decided = top[:, 0] - top[:, 1] > 0.02
+    assert decided.sum() > 0.8 * len(images) and torch.equal(p16.argmax(1)[decided], p32.argmax(1)[decided])
 
 
-def test_auto_precision_is_bf16_only_where_it_pays():
+def test_auto_precision_is_fp32_on_a_cpu_and_bf16_only_on_request():
     assert precision("fp32", "cpu") == "fp32" and precision("bf16", "cpu") == "bf16"
-    assert precision("auto", "cpu", cpuinfo="flags: fpu avx512f avx512_bf16 amx_bf16 amx_tile") == "bf16"
-    assert precision("auto", "cpu", cpuinfo="flags: fpu avx512f avx512_bf16") == "fp32"  # measured slower there
-    assert precision("auto", "cpu", cpuinfo="") == "fp32"
+    assert precision("auto", "cpu") == "fp32"  # whatever the CPU: see distributed.precision for why
     with pytest.raises(ConfigError, match="finetune.precision: fp16 needs a CUDA device"):
         precision("fp16", "cpu")
 
@@ -136,8 +154,10 @@ def test_augmenting_on_the_device_trains_on_the_images_the_loader_would_make(art
     """finetune.gpu_augment: the loader only decodes and each batch is augmented where the model is. On a
     GPU that is the GPU; here the same code runs on the CPU, so the random draws, and the training, are
     exactly those of augmenting in the loader."""
-    from components.augment import device_transform, load_policy
-    from components.finetune import fit, make_loaders
+    from components.artifacts.policy import read as load_policy
+    from components.training.transforms import device_transform
+    from components.training.loaders import make_loaders
+    from components.training.loop import fit
 
     policy, names = load_policy(artifacts / "aug"), ["circle", "square", "triangle"]
     cfg = finetune_cfg(batch_size=16, max_epochs=2, freeze_until="layer3", reinit=[], prefix_cache=cached)
@@ -148,7 +168,7 @@ def test_augmenting_on_the_device_trains_on_the_images_the_loader_would_make(art
         train, val = make_loaders(artifacts / "data", policy, cfg, names, augment_on_device=on_device)
         assert isinstance(next(iter(train))[0], list) == on_device  # the loader left augmentation undone
         runs.append(fit(model, train, val, cfg, augment=device_transform(policy) if on_device else None))
-    (state_a, hist_a), (state_b, hist_b) = runs
+    (state_a, hist_a, _), (state_b, hist_b, _) = runs
     assert [r["train_loss"] for r in hist_b] == pytest.approx([r["train_loss"] for r in hist_a], rel=1e-6)
     assert torch.allclose(state_a["fc.weight"], state_b["fc.weight"], atol=1e-6)
 

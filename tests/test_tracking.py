@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from components import finetune as finetune_step
-from components import tracking
+from components.tracking import store as tracking
 from components import validate as validate_step
 from helpers import PLAIN_TRAINING, ROOT, finetune_cfg, register_cfg, tracking_cfg, validate_cfg
 
@@ -77,7 +77,8 @@ def test_a_failing_fine_tune_ends_its_run_failed_with_the_error_and_the_last_fin
     assert process.returncode != 0
     run = client.get_run(live.info.run_id)
     assert run.info.status == "FAILED", out
-    assert run.data.tags["error"].startswith("FileNotFoundError: ") and f"{source}/" in run.data.tags["error"]
+    # a file the manifest names and cannot be read: the dataset's error (exit 3), naming the file
+    assert run.data.tags["error"].startswith("DatasetError: dataset: ") and f"{source}/" in run.data.tags["error"]
     finished = max(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
     assert run.data.tags["last_finished_epoch"] == str(finished)
 
@@ -89,7 +90,7 @@ def test_validation_completes_the_training_run_and_a_new_store_records_it_again_
     _, record = validate_step.run(artifacts / "data", artifacts / "aug", artifacts / "pre", artifacts / "model",
                                   artifacts / "val", validate_cfg(), register_cfg("tracked"), tracking_cfg(EXPERIMENT),
                                   "test", "p-2")
-    assert record["run_id"] == summary["run_id"]  # one run: the fine-tune and its validation
+    assert record.run_id == summary["run_id"]  # one run: the fine-tune and its validation
     first = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     trained = first.get_run(summary["run_id"])
     assert trained.info.status == "FINISHED" and {"test_accuracy", "val_loss"} <= set(trained.data.metrics)
@@ -100,13 +101,13 @@ def test_validation_completes_the_training_run_and_a_new_store_records_it_again_
                                  artifacts / "val", validate_cfg(), register_cfg("tracked"),
                                  tracking_cfg(EXPERIMENT), "test", "p-3")
     second = mlflow.MlflowClient(other)
-    recorded = second.get_run(again["run_id"])
+    recorded = second.get_run(again.run_id)
     assert recorded.data.tags["trained_in_run"] == trained.info.run_id
     assert recorded.info.run_name == trained.info.run_name
-    assert [(m.step, m.timestamp, m.value) for m in second.get_metric_history(again["run_id"], "val_loss")] == \
+    assert [(m.step, m.timestamp, m.value) for m in second.get_metric_history(again.run_id, "val_loss")] == \
         [(m.step, m.timestamp, m.value) for m in first.get_metric_history(trained.info.run_id, "val_loss")]
     assert recorded.data.params == trained.data.params
-    assert json.loads((artifacts / "val" / "run.json").read_text())["run_id"] == again["run_id"]
+    assert json.loads((artifacts / "val" / "run.json").read_text())["run_id"] == again.run_id
     assert (tmp_path / "mlruns").is_dir()  # artifacts beside that SQLite store, not in the working directory
 
 
@@ -150,7 +151,7 @@ class _NoServer:
 def test_two_pipelines_starting_on_a_new_sqlite_store_at_once_both_get_it(tmp_path):
     """MLflow creates a new SQLite store's tables on first use; unguarded, two processes doing it at
     once fail with `duplicate column name: step` (every time on this machine)."""
-    script = "from components import tracking; tracking.client().search_experiments(max_results=1); print('ok')"
+    script = "from components.tracking import store; store.client().search_experiments(max_results=1); print('ok')"
     for trial in range(3):
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / f'new-{trial}' / 'mlflow.db'}"}
         procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,

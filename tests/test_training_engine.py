@@ -13,13 +13,14 @@ import pytest
 import torch
 import yaml
 
-from components import models
+from components.models import architectures as models
 from components.augment import augment
 from components.config import ConfigError, UnfreezeStep
 from components.data import prepare
-from components.demo_zoo import export_digits
+from demo.digits import export_digits
 from components.fetch_pretrained import fetch
-from components.finetune import Trainer, finetune, lr_factor
+from components.finetune import finetune
+from components.training.recipe import Recipe as Trainer, lr_factor
 from helpers import ROOT, data_cfg, finetune_cfg, policy_cfg, pretrained_cfg, save_checkpoint
 
 

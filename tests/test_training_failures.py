@@ -9,7 +9,7 @@ import yaml
 import pytest
 import torch
 
-from components.atomic import write_json
+from components.storage.atomic import write_json
 from components.config import ConfigError, UnfreezeStep, load_params
 from components.finetune import TrainingError, finetune
 from helpers import ROOT, finetune_cfg

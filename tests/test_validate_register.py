@@ -8,12 +8,13 @@ import pandas as pd
 import pytest
 
 from components.config import ValidateConfig
-from components.dataset import read_split
+from components.artifacts import dataset
 from components.finetune import finetune
-from components.images import load_rgb
+from components.storage.images import load_rgb
 from components.register import register
 from components import validate as validate_step
-from components.validate import compute_metrics, decide
+from components.evaluation.gate import decide
+from components.evaluation.metrics import compute_metrics
 from helpers import finetune_cfg, register_cfg, tracking_cfg, validate_cfg
 
 
@@ -63,20 +64,20 @@ def test_passing_model_is_registered_with_alias_and_lineage_and_a_retry_adds_no_
     version = client.get_model_version_by_alias("shapes-pass", "champion")
     report = json.loads((tracked / "data" / "report.json").read_text())
     pretrained = json.loads((tracked / "pre" / "pretrained.json").read_text())
-    assert version.run_id == run["run_id"]
+    assert version.run_id == run.run_id
     assert version.tags["data_fingerprint"] == report["fingerprint"]
     assert version.tags["pretrained_sha256"] == pretrained["sha256"]
     assert version.tags["pipeline_run_id"] == "run-42"
 
-    logged = client.get_run(run["run_id"])
+    logged = client.get_run(run.run_id)
     assert logged.data.params["finetune.max_epochs"] == "4"
     assert logged.data.params["data.val_fraction"] == "0.15"
     assert logged.data.tags["data_fingerprint"] == report["fingerprint"]
-    assert [m.step for m in client.get_metric_history(run["run_id"], "val_loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.run_id, "val_loss")] == [1, 2, 3, 4]
     assert "test_accuracy" in logged.data.metrics
     assert logged.inputs.dataset_inputs[0].dataset.digest == report["fingerprint"][:36]
     artifacts = {f.path for folder in ("validate", "augment", "finetune")
-                 for f in client.list_artifacts(run["run_id"], folder)}
+                 for f in client.list_artifacts(run.run_id, folder)}
     assert {"validate/confusion_matrix.png", "augment/preview.png", "finetune/training_curves.png"} <= artifacts
 
 
@@ -85,7 +86,7 @@ def test_champion_loads_as_pyfunc_and_predicts_class_names_for_a_folder_of_image
     register(tracked / "val", tracked / "registration.json", register_cfg(model_name="shapes-pyfunc"))
     model = mlflow.pyfunc.load_model("models:/shapes-pyfunc@champion")
     evaluated = pd.read_csv(tracked / "val" / "predictions.csv")  # what validate measured
-    files = [p for p, _ in read_split(tracked / "data", "test")]  # in the order validate read them
+    files = [p for p, *_ in dataset.images(tracked / "data", "test")]  # in the order validate read them
     out = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))  # raw file bytes
     assert list(out.columns) == ["label", "confidence"] and len(out) == len(files)
     assert list(out["label"]) == list(evaluated["predicted"])  # the served model is the evaluated one
@@ -107,7 +108,7 @@ def test_failed_gate_registers_nothing_and_records_why(artifacts, mlflow_server,
     assert not result["registered"] and result["reason"].startswith("validation gate failed: accuracy ")
     client = mlflow.MlflowClient()
     assert client.search_model_versions("name = 'shapes-fail'") == []
-    assert client.get_run(run["run_id"]).data.tags["registration"].startswith("skipped: validation gate failed")
+    assert client.get_run(run.run_id).data.tags["registration"].startswith("skipped: validation gate failed")
 
 
 def test_weights_identical_to_the_champions_are_not_registered_again(tracked):
@@ -117,9 +118,9 @@ def test_weights_identical_to_the_champions_are_not_registered_again(tracked):
     _, again = _validate_and_log(tracked, validate_cfg(), "test-register-same", model_name="shapes-same")
     second = register(tracked / "val", tracked / "r2.json", register_cfg("shapes-same"))
     assert first["registered"] and first["promoted"] and not second["registered"]
-    assert second["reason"].startswith("weights identical to @champion v1 (sha256 ")
+    assert second["reason"].startswith("weights identical to v1 (@champion), sha256 ")
     client = mlflow.MlflowClient()
     assert len(client.search_model_versions("name = 'shapes-same'")) == 1
-    assert client.get_run(again["run_id"]).data.tags["registration"].startswith("skipped: weights identical")
+    assert client.get_run(again.run_id).data.tags["registration"].startswith("skipped: weights identical")
     assert client.get_model_version("shapes-same", "1").tags["weights_sha256"] == \
-        client.get_run(again["run_id"]).data.tags["weights_sha256"]
+        client.get_run(again.run_id).data.tags["weights_sha256"]

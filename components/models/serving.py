@@ -13,6 +13,10 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from components.models import architectures
 
 BATCH = 64
 
@@ -36,7 +40,7 @@ def _invalid(message: str):
 
 def _rows(model_input) -> list:
     """The request's images, checked against the limits above; raises a 400-kind error saying which."""
-    from components.images import declared_size
+    from components.storage.images import declared_size
 
     if hasattr(model_input, "columns"):  # pandas DataFrame from pyfunc / model serving
         if "image" not in model_input.columns:
@@ -73,7 +77,7 @@ def _rows(model_input) -> list:
 
 
 def _decoded(value, i: int) -> np.ndarray:
-    from components.images import decode
+    from components.storage.images import decode
 
     if not isinstance(value, (bytes, bytearray)):
         return np.asarray(value)
@@ -98,21 +102,42 @@ def _chunks(values: list):
         yield indices, images
 
 
+class ServedClassifier(torch.nn.Module):
+    """What the registry serves: uint8 images (N, H, W, 3) in, class probabilities out.
+
+    Preprocessing lives inside, so a served model resizes and normalises exactly as
+    evaluation did.
+    """
+
+    def __init__(self, net: nn.Module, image_size: int, mean, std, class_names: list[str]):
+        super().__init__()
+        self.net = net.eval()
+        self.image_size = image_size
+        self.class_names = list(class_names)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2)
+        x = TF.resize(x, [self.image_size], antialias=True)
+        x = TF.center_crop(x, [self.image_size, self.image_size])
+        x = (x.float() / 255.0 - self.mean) / self.std
+        return torch.softmax(self.net(x), dim=1)
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self._load(context.artifacts["checkpoint"])
 
-    def _load(self, checkpoint: str | Path) -> None:
-        import torch
+    def _load(self, path: str | Path) -> None:
+        from components.artifacts import checkpoint
 
-        from components import models
-
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        net = models.build(ckpt["arch"], len(ckpt["class_names"]))
-        models.load_weights(net, ckpt["state_dict"], ckpt["arch"])
-        prep = ckpt["preprocessing"]
-        self.class_names = list(ckpt["class_names"])
-        self.module = models.ServedClassifier(net, prep["image_size"], prep["mean"], prep["std"], self.class_names)
+        ckpt = checkpoint.load(path)
+        net = architectures.build(ckpt.arch, len(ckpt.class_names))
+        architectures.load_weights(net, ckpt.state_dict, ckpt.arch)
+        prep = ckpt.preprocessing
+        self.class_names = list(ckpt.class_names)
+        self.module = ServedClassifier(net, prep["image_size"], prep["mean"], prep["std"], self.class_names)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path) -> "ImageClassifier":
@@ -122,8 +147,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def predict_proba(self, images: list[np.ndarray]) -> np.ndarray:
         """Class probabilities, one row per image, in input order; same-size images share a batch."""
-        import torch
-
         out = np.zeros((len(images), len(self.class_names)), dtype=np.float32)
         by_shape: dict[tuple, list[int]] = {}
         for i, img in enumerate(images):
@@ -149,21 +172,21 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                              "confidence": probs[np.arange(len(best)), best].astype(float)})
 
 
-def log_model(checkpoint: Path, example_files: list[Path], name: str = "model"):
-    """Log the checkpoint as an ImageClassifier pyfunc in the active run; returns MLflow's ModelInfo."""
+def log_model(checkpoint: Path, examples: list[bytes], name: str = "model"):
+    """Log the checkpoint as an ImageClassifier pyfunc in the active run (`examples`: encoded images for
+    its input example); returns MLflow's ModelInfo. The model carries components/ as its code."""
     import pandas as pd
-    import torch
     import torchvision
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
                                outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence")]))
-    example = pd.DataFrame({"image": [Path(f).read_bytes() for f in example_files]})
+    example = pd.DataFrame({"image": list(examples)})
     return mlflow.pyfunc.log_model(
         name=name, python_model=str(Path(__file__).parent / "pyfunc_entry.py"),
         artifacts={"checkpoint": str(checkpoint)},
-        code_paths=[str(Path(__file__).parent)], signature=signature, input_example=example,
+        code_paths=[str(Path(__file__).parents[1])], signature=signature, input_example=example,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                           f"torchvision=={torchvision.__version__.split('+')[0]}",
                           f"mlflow=={mlflow.__version__}", "pillow", "pandas"])

@@ -18,7 +18,6 @@ augmentation is drawn from its own seed, so a resumed run recomputes the same fe
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from components.atomic import sweep
+from components.storage.atomic import sweep, temporary_prefix
 
 RANDOM_IN_TRAINING = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, StochasticDepth)
 
@@ -141,8 +140,8 @@ class PrefixCache:
         self.prepare, self.autocast = prepare, autocast
         base = Path(workdir or tempfile.gettempdir())
         base.mkdir(parents=True, exist_ok=True)
-        sweep(base / "prefix-cache")  # a killed run's feature files go with the next run
-        self._tmp = tempfile.TemporaryDirectory(prefix=f".prefix-cache.tmp-{os.getpid()}-", dir=base)
+        sweep(base / "prefix-cache")  # a killed run's feature files go with the next run (on this machine)
+        self._tmp = tempfile.TemporaryDirectory(prefix=temporary_prefix(base / "prefix-cache"), dir=base)
         self.folder = Path(self._tmp.name)
         self.val = compute(prefix, val_loader, self.folder, "val", prepare, autocast)
         self.copies: dict[int, Features] = {}
@@ -168,3 +167,24 @@ class PrefixCache:
 
 def describe(names: list[str]) -> str:
     return f"{names[0]} .. {names[-1]} ({len(names)} stages)" if len(names) > 1 else names[0]
+
+
+def for_model(model: nn.Module, recipe, train_loader, val_loader, cfg, prepare, autocast, say):
+    """(PrefixCache, suffix) when finetune.prefix_cache can apply, else (None, None) with the reason said.
+    Each data-parallel process computes the whole cache: every one draws from every image."""
+    if not cfg.prefix_cache:
+        return None, None
+    later = recipe.woken_later()
+    probe = prepare(next(iter(val_loader))[0][:2])
+    prefix, suffix, names = split(model, recipe.frozen_bn, later, probe)
+    if prefix is None:
+        say(f"finetune: frozen-prefix cache off: {names}")
+        return None, None
+    fast = fused(prefix)
+    if cfg.channels_last:
+        fast.to(memory_format=torch.channels_last)
+    cache = PrefixCache(fast, train_loader, val_loader, cfg, prepare, autocast, workdir=cfg.checkpoint_dir or None)
+    copies = f"{cfg.prefix_copies} augmented cop{'y' if cfg.prefix_copies == 1 else 'ies'}"
+    say(f"finetune: frozen prefix {describe(names)} computed once: validation, and up to {copies} of the "
+        "training split")
+    return cache, suffix

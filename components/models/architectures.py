@@ -1,4 +1,4 @@
-"""torchvision architectures: building, loading weights, the output layer, freezing, serving.
+"""torchvision architectures: building, loading weights, the output layer, freezing, re-initialising.
 
 The output layer is found, not listed per architecture: it is the last nn.Linear in module
 order (resnet `fc`, mobilenet_v3 `classifier.3`, efficientnet `classifier.1`, vit `heads.head`).
@@ -12,11 +12,8 @@ import hashlib
 import torch
 import torchvision
 from torch import nn
-from torchvision.transforms.v2 import functional as TF
 
 from components.config import ConfigError
-
-CHECKPOINT_FORMAT = "finetune-pipeline/checkpoint-v1"
 
 
 class WeightsError(ValueError):
@@ -177,39 +174,3 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "frozen": total - trainable, "total": total}
-
-
-class ServedClassifier(nn.Module):
-    """What the registry serves: uint8 images (N, H, W, 3) in, class probabilities out.
-
-    Preprocessing lives inside, so a served model resizes and normalises exactly as
-    evaluation did.
-    """
-
-    def __init__(self, net: nn.Module, image_size: int, mean, std, class_names: list[str]):
-        super().__init__()
-        self.net = net.eval()
-        self.image_size = image_size
-        self.class_names = list(class_names)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2)
-        x = TF.resize(x, [self.image_size], antialias=True)
-        x = TF.center_crop(x, [self.image_size, self.image_size])
-        x = (x.float() / 255.0 - self.mean) / self.std
-        return torch.softmax(self.net(x), dim=1)
-
-
-@torch.no_grad()
-def predict(net: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and targets for every batch of `loader`, in order, with the net in eval mode."""
-    was_training = net.training
-    net.eval()
-    logits, targets = [], []
-    for x, y in loader:
-        logits.append(net(x))
-        targets.append(y)
-    net.train(was_training)
-    return torch.cat(logits), torch.cat(targets)

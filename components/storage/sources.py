@@ -32,8 +32,8 @@ def describe(cfg: DataConfig) -> str:
     return cfg.source
 
 
-def version(cfg: DataConfig) -> str:
-    """What the source holds now, cheaply and without reading an image: the commit `data.rev` points
+def pin(cfg: DataConfig) -> str:
+    """The version of what the source holds now, cheaply and without reading an image: the commit `data.rev` points
     at (`git:<sha>`), a hash of the S3 prefix's keys, ETags and sizes (`s3:<sha256>`), or of a local
     folder's paths, sizes and modification times (`files:<sha256>`). Equal versions, equal content."""
     if cfg.repo:
@@ -70,7 +70,7 @@ def _check_scheme(source: str) -> None:
 def materialize(cfg: DataConfig, staging: Path, expect: str = "") -> tuple[Path, str | None]:
     """A local folder holding the dataset, and DVC's hash of it when DVC tracks it.
 
-    `expect`: the version (above) this run resolved; for a DVC source it is the commit read, for
+    `expect`: the version (`pin`) this run resolved; for a DVC source it is the commit read, for
     the others the fetch fails when the source no longer holds that version."""
     if cfg.repo:
         if expect:
@@ -79,7 +79,7 @@ def materialize(cfg: DataConfig, staging: Path, expect: str = "") -> tuple[Path,
     _check_scheme(cfg.source)
     if cfg.source.startswith("s3://"):
         return _from_s3(cfg.source, staging, expect), None
-    if expect and (now := version(cfg)) != expect:
+    if expect and (now := pin(cfg)) != expect:
         raise SourceError(f"data.source: {cfg.source}: changed since this run resolved it ({expect[:18]}, "
                           f"now {now[:18]}); run again")
     return Path(cfg.source), None

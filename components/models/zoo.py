@@ -18,13 +18,13 @@ then is renamed into the cache.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from components.atomic import atomic_file, cache_dir, sha256_file, write_json
+from components.storage import cache
+from components.storage.atomic import atomic_file, sha256_file
 from components.redaction import redact
 
 CHUNK = 1 << 20
@@ -34,26 +34,9 @@ class FetchError(ValueError):
     """The weights could not be fetched or trusted; the message names the URI and why."""
 
 
-def _index() -> dict:
-    try:
-        return json.loads((cache_dir() / "index.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def _cached(sha256: str) -> Path | None:
-    path = cache_dir() / "sha256" / sha256
-    return path if sha256 and path.is_file() else None
-
-
-def _from_index(key: str) -> Path | None:
-    return _cached(_index().get(key, ""))
-
-
 def _store(chunks, uri: str, max_bytes: int, pin: str, key: str | None) -> Path:
     """Stream `chunks` into the cache: size-limited, verified against `pin`, renamed only when complete."""
-    root = cache_dir() / "sha256"
-    root.mkdir(parents=True, exist_ok=True)
+    root = cache.blobs()
     digest, size = hashlib.sha256(), 0
     fd, name = tempfile.mkstemp(prefix=".download-", dir=root)
     tmp = Path(name)
@@ -74,7 +57,7 @@ def _store(chunks, uri: str, max_bytes: int, pin: str, key: str | None) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     if key:
-        write_json(cache_dir() / "index.json", {**_index(), key: sha})
+        cache.remember(key, sha)
     return final
 
 
@@ -99,49 +82,79 @@ def _torchvision(uri: str, arch: str, max_bytes: int) -> tuple[Path, list[str] |
     except (ValueError, KeyError) as err:
         raise FetchError(f"pretrained.uri: {uri}: torchvision has no such weights ({err})") from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+    # torchvision's file names end in the first hex digits of the file's SHA-256 (torch.hub.HASH_REGEX), which
+    # torch.hub checks only when it downloads: a file already in the cache is checked here, every time.
+    known = torch.hub.HASH_REGEX.search(cached.name)
     if not cached.exists():
         try:
             with atomic_file(cached) as tmp:  # a broken download never stays in the cache
-                torch.hub.download_url_to_file(weights.url, str(tmp), progress=True)
+                torch.hub.download_url_to_file(weights.url, str(tmp), hash_prefix=known and known.group(1),
+                                               progress=True)
         except Exception as err:
             raise FetchError(f"pretrained.uri: {uri}: not in {cached.parent} and download of {weights.url} "
                              f"failed ({type(err).__name__}: {err})") from None
     _check_size(uri, cached.stat().st_size, max_bytes)
+    if known and not sha256_file(cached).startswith(known.group(1)):
+        raise FetchError(f"pretrained.uri: {uri}: {cached} does not have the SHA-256 its name says "
+                         f"({known.group(1)}...): a damaged or substituted file; delete it and fetch it again")
     return cached, list(weights.meta.get("categories") or []) or None
 
 
+MAX_REDIRECTS = 5
+
+
 def _https(uri: str, pin: str, max_bytes: int) -> Path:
-    import base64
-    import http.client
-    import urllib.request
-    from urllib.parse import unquote, urlsplit, urlunsplit
+    """Download with requests, which sends basic-auth credentials to the URI's own host only: a redirect
+    to another host (or port, or scheme) goes without them. Every hop must be https://."""
+    import requests
+    from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
     if not pin:
         raise FetchError(f"pretrained.sha256: required for {uri}: an https:// download is trusted only when pinned")
-    if cached := _cached(pin):
+    if cached := cache.cached(pin):
         return cached
+
+    def https_only(response, *args, **kwargs):  # requests calls it for every response, redirects included
+        if response.is_redirect:
+            target = urljoin(response.url, response.headers["location"])
+            if urlsplit(target).scheme != "https":
+                raise FetchError(f"pretrained.uri: {uri}: redirected to {target}: only https:// is followed")
+
+    url = ""
     try:
         parts = urlsplit(uri)
         # https://user:token@host/...: the credential goes as HTTP basic auth, never in the URL
         host = parts.hostname + (f":{parts.port}" if parts.port else "")
-        request = urllib.request.Request(urlunsplit(parts._replace(netloc=host)))
-        if parts.username is not None:
-            credential = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-            request.add_header("Authorization", "Basic " + base64.b64encode(credential.encode()).decode())
-        # B310: https:// only (the caller checked the scheme)
-        with urllib.request.urlopen(request, timeout=60) as response:  # nosec B310
-            length = response.headers.get("Content-Length")
-            _check_size(uri, int(length) if length else None, max_bytes)
-            return _store(iter(lambda: response.read(CHUNK), b""), uri, max_bytes, pin, key=None)
-    except (OSError, ValueError, http.client.HTTPException) as err:  # ValueError: a malformed URL or port
-        raise FetchError(f"pretrained.uri: {uri}: download failed ({type(err).__name__}: {err})") from None
+        url = urlunsplit(parts._replace(netloc=host))
+        auth = (unquote(parts.username), unquote(parts.password or "")) if parts.username is not None else None
+        with requests.Session() as session:
+            session.max_redirects = MAX_REDIRECTS
+            session.hooks["response"].append(https_only)
+            # a CA bundle given the way OpenSSL and urllib take it (SSL_CERT_FILE) counts, then requests' own
+            verify = os.environ.get("SSL_CERT_FILE") or os.environ.get("REQUESTS_CA_BUNDLE") or True
+            with session.get(url, auth=auth, stream=True, timeout=60, verify=verify) as response:
+                response.raise_for_status()
+                length = response.headers.get("Content-Length")
+                _check_size(uri, int(length) if length else None, max_bytes)
+                return _store(response.iter_content(CHUNK), uri, max_bytes, pin, key=None)
+    except FetchError:
+        raise
+    except (requests.RequestException, OSError, ValueError) as err:  # ValueError: a malformed URL or port
+        # urllib3 names the request by its path and query ("Max retries exceeded with url: /m.pt?sig=..."),
+        # which no URI pattern finds: those go redacted here
+        detail = str(err)
+        if url:
+            request = url.split("/", 3)[3] if url.count("/") >= 3 else ""
+            detail = detail.replace(f"/{request}", redact(f"https://h/{request}").removeprefix("https://h"))
+        raise FetchError(f"pretrained.uri: {uri}: download failed ({type(err).__name__}: {detail})") from None
 
 
-def _s3(uri: str, pin: str, max_bytes: int) -> Path:
+def _s3(uri: str, pin: str, max_bytes: int, etag: str = "") -> Path:
+    """The object, at `etag` when given (the one resolve pinned: another is refused, not fetched)."""
     import boto3
     import botocore.exceptions
 
-    if cached := _cached(pin):
+    if cached := cache.cached(pin):
         return cached
     parsed = urlparse(uri)
     bucket, key = parsed.netloc, parsed.path.lstrip("/")
@@ -152,9 +165,13 @@ def _s3(uri: str, pin: str, max_bytes: int) -> Path:
     s3 = boto3.session.Session().client("s3")
     try:
         head = s3.head_object(Bucket=bucket, Key=key)
+        now = head["ETag"].strip('"')
+        if etag and now != etag:
+            raise FetchError(f"pretrained.uri: {uri}: changed since this run resolved it (etag:{etag}, now "
+                             f"etag:{now}); run again")
         _check_size(uri, head["ContentLength"], max_bytes)
-        index_key = f"{uri}#etag={head['ETag'].strip(chr(34))}"
-        if cached := _from_index(index_key):
+        index_key = f"{uri}#etag={now}"
+        if cached := cache.lookup(index_key):
             return cached
         body = s3.get_object(Bucket=bucket, Key=key, IfMatch=head["ETag"])["Body"]
         return _store(body.iter_chunks(CHUNK), uri, max_bytes, pin, key=index_key)
@@ -169,10 +186,10 @@ def _registry(uri: str, pin: str, max_bytes: int) -> tuple[Path, str]:
     """The checkpoint of a registered version, and the immutable models:/<name>/<version> it resolved to."""
     import mlflow
 
-    from components import tracking
+    from components.tracking import store
 
-    resolved = _registry_version(uri, tracking.client())
-    if cached := (_cached(pin) or _from_index(resolved)):
+    resolved = _registry_version(uri, store.client())
+    if cached := (cache.cached(pin) or cache.lookup(resolved)):
         return cached, resolved
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -190,7 +207,7 @@ def _registry(uri: str, pin: str, max_bytes: int) -> tuple[Path, str]:
 
 def _registry_version(uri: str, client) -> str:
     """models:/<name>/<version> for models:/<name>@<alias> (the version it points at now) or itself."""
-    from components.registry import current_version
+    from components.tracking.registry import current_version
 
     rest = uri[len("models:/"):]
     if "@" in rest:
@@ -218,21 +235,21 @@ def _redacted_errors(fn):
 
 
 @_redacted_errors
-def version(uri: str, arch: str, pin: str = "") -> tuple[str, str]:
+def pin(uri: str, arch: str, sha256: str = "") -> tuple[str, str]:
     """The immutable URI to fetch and what identifies its content, without downloading it: a
     registry alias becomes its version (and that version's weights digest), an S3 object its ETag,
     a local file its SHA-256; a pin or a torchvision weights name (its file name carries a hash)
     identifies itself."""
-    if pin:
-        return uri, f"sha256:{pin}"
+    if sha256:
+        return uri, f"sha256:{sha256}"
     if uri.startswith("torchvision://"):
         return uri, uri
     if uri.startswith("https://"):
         raise FetchError(f"pretrained.sha256: required for {uri}: an https:// download is trusted only when pinned")
     if uri.startswith("models:/"):
-        from components import tracking
+        from components.tracking import store
 
-        client = tracking.client()
+        client = store.client()
         resolved = _registry_version(uri, client)
         name, number = resolved[len("models:/"):].split("/")
         try:
@@ -250,20 +267,25 @@ def version(uri: str, arch: str, pin: str = "") -> tuple[str, str]:
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
             raise FetchError(f"pretrained.uri: {uri}: {err}") from None
         return uri, f"etag:{head['ETag'].strip(chr(34))}"
-    path, _, _ = resolve(uri, arch, max_bytes=2**62)  # a local file: its bytes are its identity
+    path, _, _ = local_file(uri, arch, max_bytes=2**62)  # a local file: its bytes are its identity
     return uri, f"sha256:{sha256_file(path)}"
 
 
 @_redacted_errors
-def resolve(uri: str, arch: str, pin: str = "", max_bytes: int = 2**40) -> tuple[Path, list[str] | None, str]:
-    """Local file for `uri`, class names when the zoo knows them, and the immutable source it came from."""
+def local_file(uri: str, arch: str, pin: str = "", max_bytes: int = 2**40,
+               version: str = "") -> tuple[Path, list[str] | None, str]:
+    """A local file holding `uri`'s weights (fetched into the cache when remote), class names when the zoo
+    knows them, and the immutable source it came from. `version`: what `pin` resolved at the start of the
+    run; an S3 object must still be at that ETag (the file's SHA-256 and the weights' digest the caller
+    checks once it has them)."""
     if uri.startswith("torchvision://"):
         path, names = _torchvision(uri, arch, max_bytes)
         return path, names, uri
     if uri.startswith("https://"):
         return _https(uri, pin, max_bytes), None, uri
     if uri.startswith("s3://"):
-        return _s3(uri, pin, max_bytes), None, uri
+        return _s3(uri, pin, max_bytes, version.removeprefix("etag:") if version.startswith("etag:") else ""), \
+            None, uri
     if uri.startswith("models:/"):
         path, resolved = _registry(uri, pin, max_bytes)
         return path, None, resolved

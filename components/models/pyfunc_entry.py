@@ -2,6 +2,6 @@
 
 import mlflow
 
-from components.serving import ImageClassifier
+from components.models.serving import ImageClassifier
 
 mlflow.models.set_model(ImageClassifier())

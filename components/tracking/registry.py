@@ -57,7 +57,11 @@ def promotion_lock(client, name: str, timeout: float = 300, lease: float = LEASE
                                                        f"delete it to clear a lock whose holder is gone")
             break
         except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            # Taken: RESOURCE_ALREADY_EXISTS. Or taken and just released: MLflow's SQL store answers a
+            # duplicate name by reading the existing model (mlflow 3.17.2, store/model_registry/
+            # sqlalchemy_store.py, create_registered_model: get_registered_model after IntegrityError), which
+            # is RESOURCE_DOES_NOT_EXIST when its holder deleted it in between. Either way: wait, try again.
+            if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         held = {}
         with contextlib.suppress(MlflowException):

@@ -1,0 +1,265 @@
+"""The training loop: `fit` trains until max_epochs or until validation loss stops improving.
+
+Read top to bottom as torchvision's reference trainer reads: `fit` sets up (seeds, the recipe, the way
+batches are fed, a resumed state), then each epoch is `train_one_epoch`, `evaluate`, the early-stopping
+verdict and a checkpoint. The early-stopping object owns the best epoch: the weights returned are those
+of the epoch it names.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from components.config import FinetuneConfig
+from components.training import distributed, prefix_cache, resume
+from components.training.loaders import epoch_batches, in_order
+from components.training.recipe import Recipe
+
+
+class TrainingError(ValueError):
+    """Training cannot go on (a loss that is not a finite number); the message says where and why."""
+
+
+class EarlyStopping:
+    """The best epoch so far (lowest validation loss, improved by more than min_delta) and its weights;
+    stop after `patience` epochs without such an improvement."""
+
+    def __init__(self, patience: int, min_delta: float):
+        self.patience, self.min_delta = patience, min_delta
+        self.best_loss, self.best_epoch, self.best_state, self.stale = math.inf, 0, None, 0
+
+    def update(self, epoch: int, val_loss: float, model: nn.Module) -> None:
+        if val_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch, self.best_state, self.stale = val_loss, epoch, _cpu_copy(
+                model.state_dict()), 0
+        else:
+            self.stale += 1
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stale >= self.patience
+
+    def state(self) -> dict:
+        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "best_state": self.best_state,
+                "stale": self.stale}
+
+    def restore(self, saved: dict) -> None:
+        self.best_loss, self.best_state, self.stale = saved["best_loss"], saved["best_state"], saved["stale"]
+        self.best_epoch = saved.get("best_epoch", 0)
+
+
+class Feed:
+    """Where the batches come from, chosen once for the run: the frozen prefix's cached features
+    (finetune.prefix_cache), or images from the loaders; with several processes, each trains on its
+    share of every batch the single process would draw. Yields batches on the device."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, train_loader, val_loader, cfg: FinetuneConfig, fabric,
+                 augment=None):
+        self.train_loader, self.val_loader, self.cfg, self.fabric = train_loader, val_loader, cfg, fabric
+        self.rank, self.world = fabric.global_rank, fabric.world_size
+        self.prepare = _preparer(fabric, cfg, augment)
+        self.cache, suffix = prefix_cache.for_model(model, recipe, train_loader, val_loader, cfg, self.prepare,
+                                                    fabric.autocast, lambda m: _say(self.rank == 0, m))
+        self.net = suffix if self.cache else model  # what trains on what is fed
+
+    def train(self, epoch: int):
+        if not self.cache and self.world == 1:
+            return self.train_loader
+        batches = [b[self.rank::self.world] for b in epoch_batches(self.train_loader)]
+        if self.cache:  # the suffix on this epoch's copy of the frozen prefix's features
+            return self.cache.train_copy(epoch).batches(batches)
+        return torch.utils.data.DataLoader(self.train_loader.dataset, batch_sampler=batches,
+                                           num_workers=self.cfg.num_workers, collate_fn=self.train_loader.collate_fn,
+                                           pin_memory=self.train_loader.pin_memory)
+
+    def val(self):
+        source = self.cache.val.batches(in_order(len(self.cache.val), self.cfg.batch_size)) if self.cache \
+            else self.val_loader
+        for x, y in source:
+            yield self.prepare(x), self.fabric.to_device(y)
+
+    def close(self) -> None:
+        if self.cache:
+            self.cache.close()
+
+
+def train_one_epoch(wrapped, optimizer, batches, feed: Feed, epoch: int, cfg: FinetuneConfig, lead: bool,
+                    time_first_step: bool = False) -> tuple[dict, float | None]:
+    """One pass over this epoch's batches: the mean training loss and accuracy (over every process), and
+    with `time_first_step` the first step's seconds (torch.compile compiles there)."""
+    fabric, loss_fn = feed.fabric, nn.CrossEntropyLoss()
+    seen = correct = 0
+    total_loss, first_step = 0.0, None
+    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr,
+               disable=None if lead else True)  # batch bars on a terminal only
+    for batch, (x, y) in enumerate(bar, 1):
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        y = fabric.to_device(y)
+        with fabric.autocast():
+            logits = wrapped(feed.prepare(x)).float()
+        loss = loss_fn(logits, y)
+        check_finite(loss.item(), f"epoch {epoch}, batch {batch}: training loss", cfg)
+        fabric.backward(loss)
+        optimizer.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        if time_first_step and first_step is None:
+            first_step = time.perf_counter() - started
+    if fabric.world_size > 1:
+        total_loss, correct, seen = fabric.all_reduce(
+            torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=fabric.device),
+            reduce_op="sum").tolist()
+    return {"train_loss": total_loss / seen, "train_accuracy": correct / seen}, first_step
+
+
+def evaluate(net: nn.Module, feed: Feed) -> dict:
+    """Validation loss and accuracy over the whole split (every process: the same verdict everywhere)."""
+    with torch.no_grad(), feed.fabric.autocast():
+        logits, y = predict(net, feed.val())
+    logits, y = logits.float().cpu(), y.cpu()
+    return {"val_loss": nn.CrossEntropyLoss()(logits, y).item(),
+            "val_accuracy": (logits.argmax(1) == y).float().mean().item()}
+
+
+@torch.no_grad()
+def predict(net: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets for every batch, in order, with the net in eval mode."""
+    was_training = net.training
+    net.eval()
+    logits, targets = [], []
+    for x, y in batches:
+        logits.append(net(x))
+        targets.append(y)
+    net.train(was_training)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key: str = "",
+        on_epoch=None, fabric=None, augment=None) -> tuple[dict, list, int]:
+    """Train until max_epochs or until val loss stops improving by min_delta for `patience` epochs.
+
+    With cfg.checkpoint_dir, every finished epoch is saved there and a checkpoint with the same
+    `run_key` (inputs and configuration) is resumed. `on_epoch(row)` sees each history row as its
+    epoch ends (live tracking). `fabric` (components.training.distributed.fabric_for) says where: one
+    device, or one of several data-parallel processes, each training on its share of every batch (only
+    rank 0 writes checkpoints and calls `on_epoch`). `augment`: the per-image training transform, when the
+    loader leaves augmentation to the device (make_loaders(augment_on_device=True)). Returns the best
+    epoch's state dict (not the last one's), the per-epoch history and the best epoch.
+    """
+    fabric = fabric or distributed.fabric_for(cfg)
+    lead = fabric.global_rank == 0
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = distributed.sync_batchnorm(model, cfg, fabric)
+    recipe = Recipe(model, cfg, quiet=not lead)
+    model.to(fabric.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    feed = Feed(model, recipe, train_loader, val_loader, cfg, fabric, augment)
+    try:
+        history, stopping = _train(model, recipe, feed, train_loader, cfg, run_key, on_epoch, lead)
+    finally:
+        feed.close()  # the cached features go, whatever happened
+    model.cpu()
+    best_state = stopping.best_state
+    if cfg.channels_last:  # the weights as saved: the usual layout, whatever training used
+        model.to(memory_format=torch.contiguous_format)
+        best_state = best_state and {k: v.contiguous() for k, v in best_state.items()}
+    return best_state, history, stopping.best_epoch
+
+
+def _train(model, recipe: Recipe, feed: Feed, train_loader, cfg: FinetuneConfig, run_key: str, on_epoch,
+           lead: bool) -> tuple[list, EarlyStopping]:
+    fabric = feed.fabric
+    history, stopping, first = [], EarlyStopping(cfg.patience, cfg.min_delta), 1
+    saved = resume.load(cfg.checkpoint_dir, run_key, lead) if cfg.checkpoint_dir else None
+    if saved is not None:
+        for epoch in range(2, saved["epoch"] + 1):  # replay unfreezing so the optimizer groups match
+            recipe.unfreeze_for(epoch)
+        model.load_state_dict(saved["model"])
+        recipe.optimizer.load_state_dict(saved["optimizer"])
+        history = saved["history"]
+        stopping.restore(saved)
+        resume.set_rng_state(saved["rng"], train_loader.generator)
+        first = saved["epoch"] + 1
+        _say(lead, f"finetune: resuming after epoch {saved['epoch']} from {Path(cfg.checkpoint_dir) / resume.LAST}")
+
+    trained = torch.compile(feed.net) if cfg.compile else feed.net  # Fabric applies it again around DDP
+    wrapped, optimizer = fabric.setup_module(trained), fabric.setup_optimizers(recipe.optimizer)
+    compile_seconds = None
+    stop = first > cfg.max_epochs or (history and stopping.should_stop)
+    epochs = tqdm(range(first, cfg.max_epochs + 1), desc="finetune", unit="epoch", file=sys.stderr,
+                  initial=first - 1, total=cfg.max_epochs, disable=not lead)
+    for epoch in ([] if stop else epochs):
+        if recipe.start_epoch(epoch) and fabric.world_size > 1:
+            # DDP reduces the gradients of the parameters that trained when it wrapped the module:
+            # woken ones join through a new wrapper (the old one's hooks must be gone first).
+            del wrapped
+            gc.collect()
+            wrapped = fabric.setup_module(trained)
+        trained_row, first_step = train_one_epoch(wrapped, optimizer, feed.train(epoch), feed, epoch, cfg, lead,
+                                                  time_first_step=cfg.compile and compile_seconds is None)
+        if first_step is not None:  # the first step compiles: its time, reported apart
+            compile_seconds = first_step
+            _say(lead, f"finetune: torch.compile: first step {compile_seconds:.1f} s (compiling included)")
+        row = {"epoch": epoch, **trained_row, **evaluate(feed.net, feed),
+               "lr": recipe.optimizer.param_groups[0]["lr"],
+               "trainable_parameters": recipe.trainable_parameters(),
+               "time": time.time()}  # when the epoch ended: its metrics' timestamp in MLflow
+        if compile_seconds is not None and not any("compile_seconds" in r for r in history):
+            row["compile_seconds"] = compile_seconds
+        check_finite(row["val_loss"], f"epoch {epoch}: validation loss", cfg)
+        history.append(row)
+        if on_epoch and lead:
+            on_epoch(row)
+        epochs.set_postfix(val_loss=f"{row['val_loss']:.4f}", val_acc=f"{row['val_accuracy']:.3f}")
+        stopping.update(epoch, row["val_loss"], model)
+        if cfg.checkpoint_dir and lead:
+            resume.save(cfg.checkpoint_dir, {"run_key": run_key, "epoch": epoch, "model": model.state_dict(),
+                                             "optimizer": recipe.optimizer.state_dict(), "history": history,
+                                             **stopping.state(), "rng": resume.rng_state(train_loader.generator)})
+        if fabric.broadcast(stopping.should_stop):  # rank 0 decides, so no process waits for another
+            _say(lead, f"finetune: early stop after epoch {epoch}: val loss has not improved by "
+                       f"{cfg.min_delta} for {cfg.patience} epochs")
+            break
+    return history, stopping
+
+
+def check_finite(value: float, where: str, cfg: FinetuneConfig) -> None:
+    if not math.isfinite(value):
+        raise TrainingError(f"finetune: {where} is {value}: training diverged; nothing is written as the model. "
+                            f"Likely cause: finetune.lr ({cfg.lr}) too high for these layers, or images that "
+                            "are not what the labels say")
+
+
+def _say(lead: bool, message: str) -> None:
+    if lead:  # one process speaks for all
+        tqdm.write(message, file=sys.stderr)
+
+
+def _cpu_copy(state: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def _preparer(fabric, cfg: FinetuneConfig, augment=None):
+    """Input batch -> on the device (non-blocking from pinned memory), augmented there when the loader
+    left it undone (a list of uint8 images), in channels_last when that is on."""
+    def prepare(x):
+        x = torch.stack([augment(fabric.to_device(image)) for image in x]) if isinstance(x, list) \
+            else fabric.to_device(x)
+        return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last and x.ndim == 4 else x
+
+    return prepare
