@@ -6,17 +6,16 @@ traceback only for a real bug or with --debug.
 Exit codes: 0 done; 1 a bug (traceback); 2 configuration (params.yaml, arguments); 3 input data;
 4 pretrained weights (fetching, checking, loading); 5 training diverged; 6 MLflow (tracking,
 registry); 7 storage (a file or folder that cannot be read or written, a full disk).
-Libraries' chatter (MLflow's INFO lines, its type-hint advice for the served model's predict method) is
-left out unless --verbose.
+MLflow's INFO lines and artifact progress bars are left out unless --verbose.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
 import traceback
-import warnings
 from pathlib import Path
 
 # By class name, most specific first (several are ValueErrors), so that neither this module nor a step's
@@ -43,10 +42,10 @@ def describe(err: BaseException) -> str:
 
 
 def quiet_libraries() -> None:
-    """MLflow logs INFO lines a user cannot act on ("Validating input example against model signature"), and
-    warns that the pyfunc's predict has no type hints: it has none on purpose (components/models/serving.py)."""
+    """MLflow logs INFO lines a user cannot act on ("Validating input example against model signature") and
+    draws a progress bar for every artifact it copies."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def run(main, argv: list[str] | None = None) -> int:

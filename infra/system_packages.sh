@@ -12,17 +12,17 @@ for tool in chromium npm; do command -v "$tool" >/dev/null || plain+=("$tool"); 
 for tool in podman runc debootstrap; do command -v "$tool" >/dev/null || containers+=("$tool"); done
 [ ${#plain[@]} -gt 0 ] || [ ${#containers[@]} -gt 0 ] || exit 0
 
-missing="${plain[*]:-} ${containers[*]:-}"
+missing=("${plain[@]}" "${containers[@]}")
 if [ "$(id -u)" -eq 0 ]; then
   sudo=""
 elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
   sudo="sudo"
 else
   echo "setup: the tests need Debian packages that are missing; install them, then run again:" \
-       "sudo apt-get install -y${missing}" >&2
+       "sudo apt-get install -y ${missing[*]}" >&2
   exit 2
 fi
-echo "setup: installing Debian packages:${missing}"
+echo "setup: installing Debian packages: ${missing[*]}"
 $sudo apt-get update -q
 [ ${#plain[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${plain[@]}"
 [ ${#containers[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${containers[@]}"

@@ -2,6 +2,7 @@ import csv
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,3 +297,36 @@ def test_skip_mode_excludes_bad_files_and_lists_them(image_folder, tmp_path):
     assert all(e["reason"] for e in report["excluded"])
     with pytest.raises(DataError, match=r"6 of 96 files are unreadable \(6.2%\), more than data.max_invalid_fraction"):
         prepare(image_folder, tmp_path / "out2", _cfg(image_folder, on_invalid="skip", max_invalid_fraction=0.05))
+
+
+CPU_QUOTA_CHECK = """
+import joblib, os
+print(joblib.cpu_count(), len(os.sched_getaffinity(0)))
+"""
+
+
+def test_decode_workers_follow_a_containers_cpu_quota_not_the_machines_cores(tmp_path):
+    """A pod with `limits.cpu: 1` on a bigger node: the data step's workers (and the fine-tune's threads)
+    come from joblib.cpu_count(), which reads the CPU quota of the cgroup the container sees. Made real
+    here: a cgroup v1 `cpu` group with a quota of one CPU, mounted where a container sees its own, the
+    process inside it (root only, as in CI; skipped where the cgroup v1 cpu controller is not there)."""
+    import os
+    import subprocess
+    import sys
+
+    base = Path("/sys/fs/cgroup/cpu")
+    if os.geteuid() != 0 or not (base / "cpu.cfs_quota_us").exists():
+        pytest.skip("needs root and the cgroup v1 cpu controller")
+    group = base / f"finetune-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("100000")  # one CPU's worth of time
+        script = (f"echo $$ > {group}/tasks && mount --bind {group} {base} && "
+                  f"exec {sys.executable} -c '{CPU_QUOTA_CHECK}'")
+        proc = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        limited, cores = map(int, proc.stdout.split())
+        assert limited == 1 and cores == len(os.sched_getaffinity(0))
+    finally:
+        group.rmdir()

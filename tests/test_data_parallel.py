@@ -17,8 +17,7 @@ import pytest
 import torch
 import yaml
 
-from components.augment import augment
-from helpers import PLAIN_TRAINING, ROOT, STILL, policy_cfg
+from helpers import PLAIN_TRAINING, ROOT
 
 SPY = '''
 import os, sys
@@ -69,11 +68,9 @@ def _run(artifacts: Path, tmp_path: Path, name: str, devices: int, policy: Path,
 
 @pytest.mark.parametrize("prefix_cache", [True, False], ids=["cached-prefix", "whole-model"])
 def test_two_gloo_processes_train_what_one_process_trains_and_only_rank_0_writes(artifacts, tmp_path, prefix_cache):
-    # With the cache, every process computes the same augmented features; without it, each augments
-    # only its share of a batch: a policy without randomness keeps the images the same.
+    # A random augmentation policy: every image draws from a seed of its own (components/training/loaders.py),
+    # so a process augmenting its share of a batch makes the images the single process makes.
     policy = artifacts / "aug"
-    if not prefix_cache:
-        policy = augment(artifacts / "data", tmp_path / "still", policy_cfg(**STILL))
     one, _ = _run(artifacts, tmp_path, "one", 1, policy, prefix_cache=prefix_cache)
     two, writes = _run(artifacts, tmp_path, "two", 2, policy, prefix_cache=prefix_cache)
 

@@ -70,7 +70,7 @@ def _best_by_definition(history: list[dict], min_delta: float) -> int:
 
 def test_the_reported_best_epoch_is_the_saved_epoch_when_a_later_epoch_improves_by_less_than_min_delta(
         artifacts, tmp_path):
-    cfg = FAST.model_copy(update={"freeze": [], "max_epochs": 6, "patience": 6, "min_delta": 0.0})
+    cfg = FAST.model_copy(update={"freeze": [], "lr": 0.003, "max_epochs": 6, "patience": 6, "min_delta": 0.0})
     free = finetune(artifacts / "data", artifacts / "aug", artifacts / "pre", tmp_path / "free", cfg)
     history = json.loads((tmp_path / "free" / "history.json").read_text())
     lowest = min(history, key=lambda r: r["val_loss"])

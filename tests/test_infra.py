@@ -251,3 +251,29 @@ def container_args(container: dict) -> list[str]:
     command = container["command"] + container.get("args", [])
     assert command[0] == "python", shlex.join(command)
     return command[1:]
+
+
+def test_the_system_packages_step_names_what_to_install_in_one_line_when_it_cannot_install():
+    """`make test` on a machine without the Debian packages, run by a user who is not root and has no
+    password-less sudo: one line with the exact command, exit 2, nothing started. (As root it installs them:
+    the clean-clone CI run does that.)"""
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the script as another user")
+    import tempfile
+
+    folder = tempfile.TemporaryDirectory()  # in /tmp: pytest's own temporary folders are root's alone
+    bare = Path(folder.name)  # a PATH where none of the packages' programs is, nor sudo
+    bare.chmod(0o755)
+    for tool in ("id", "bash"):
+        (bare / tool).symlink_to(shutil.which(tool))
+    proc = subprocess.run([shutil.which("setpriv"), "--reuid=nobody", "--regid=nogroup", "--clear-groups", str(bare / "bash"),
+                           str(ROOT / "infra" / "system_packages.sh")], env={"PATH": str(bare)},
+                          capture_output=True, text=True)
+    folder.cleanup()
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "setup: the tests need Debian packages that are missing; install them, then run again: "
+        "sudo apt-get install -y chromium npm podman runc debootstrap"]

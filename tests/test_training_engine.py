@@ -93,11 +93,12 @@ def digits_inputs(tmp_path_factory):
     return t
 
 
-def _finetune_process(t, name: str, checkpoint_dir, devices: int = 1) -> subprocess.Popen:
+def _finetune_process(t, name: str, checkpoint_dir, devices: int = 1, prefix_cache: bool = True,
+                      num_workers: int = 0) -> subprocess.Popen:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["finetune"].update(max_epochs=5, patience=5, freeze_until="layer2", checkpoint_dir=str(checkpoint_dir),
                            unfreeze=[{"epoch": 3, "modules": ["layer1"], "lr": 0.003}], schedule="cosine",
-                           warmup_epochs=1, devices=devices)
+                           warmup_epochs=1, devices=devices, prefix_cache=prefix_cache, num_workers=num_workers)
     raw["tracking"]["system_metrics"] = False
     (t / f"{name}.yaml").write_text(yaml.safe_dump(raw))
     return subprocess.Popen([sys.executable, "-m", "components.finetune", "--params", str(t / f"{name}.yaml"),
@@ -106,17 +107,24 @@ def _finetune_process(t, name: str, checkpoint_dir, devices: int = 1) -> subproc
                             text=True, start_new_session=True)
 
 
-@pytest.mark.parametrize("devices", [1, 2], ids=["one-process", "two-processes"])
-def test_run_killed_in_epoch_3_resumes_after_epoch_2_and_ends_with_identical_weights(digits_inputs, devices):
+@pytest.mark.parametrize("devices, prefix_cache, num_workers", [(1, True, 0), (2, True, 0), (1, False, 2), (2, False, 2)],
+                         ids=["one-process", "two-processes", "one-process-uncached-2-loader-workers",
+                              "two-processes-uncached-2-loader-workers"])
+def test_run_killed_in_epoch_3_resumes_after_epoch_2_and_ends_with_identical_weights(digits_inputs, devices,
+                                                                                    prefix_cache, num_workers):
     # two processes: the launcher and both are killed (one process group), then all resume; the unfreezing
-    # at epoch 3 comes after the resume, so the model is wrapped for data parallel again then
+    # at epoch 3 comes after the resume, so the model is wrapped for data parallel again then. Loader
+    # workers (persistent, augmenting in their own processes) and the uncached path: the random draws of the
+    # augmentation must not depend on how the run got to an epoch.
     t = digits_inputs
-    straight_name, resumed_name = f"straight-{devices}", f"resumed-{devices}"
-    straight = _finetune_process(t, straight_name, t / f"ckpt-{straight_name}", devices)
+    straight_name, resumed_name = (f"straight-{devices}-{prefix_cache}-{num_workers}",
+                                   f"resumed-{devices}-{prefix_cache}-{num_workers}")
+    loader = dict(prefix_cache=prefix_cache, num_workers=num_workers)
+    straight = _finetune_process(t, straight_name, t / f"ckpt-{straight_name}", devices, **loader)
     out, _ = straight.communicate(timeout=300)
     assert straight.returncode == 0, out
 
-    killed = _finetune_process(t, resumed_name, t / f"ckpt-{resumed_name}", devices)
+    killed = _finetune_process(t, resumed_name, t / f"ckpt-{resumed_name}", devices, **loader)
     marker = t / f"ckpt-{resumed_name}" / "last.json"
     deadline = time.time() + 240
     while not (marker.exists() and json.loads(marker.read_text())["epoch"] == 2):
@@ -127,7 +135,7 @@ def test_run_killed_in_epoch_3_resumes_after_epoch_2_and_ends_with_identical_wei
     killed.wait()
     assert json.loads(marker.read_text())["epoch"] == 2 and not (t / resumed_name).exists()
 
-    resumed = _finetune_process(t, resumed_name, t / f"ckpt-{resumed_name}", devices)
+    resumed = _finetune_process(t, resumed_name, t / f"ckpt-{resumed_name}", devices, **loader)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert "resuming after epoch 2" in out

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from components.config import FinetuneConfig
 from components.training import distributed, prefix_cache, resume
-from components.training.loaders import epoch_batches, in_order
+from components.training.loaders import in_order, seeded
 from components.training.recipe import Recipe
 
 
@@ -60,27 +60,26 @@ class EarlyStopping:
 
 class Feed:
     """Where the batches come from, chosen once for the run: the frozen prefix's cached features
-    (finetune.prefix_cache), or images from the loaders; with several processes, each trains on its
-    share of every batch the single process would draw. Yields batches on the device."""
+    (finetune.prefix_cache), or images from the loaders. Either way the training loader's sampler
+    (loaders.EpochBatches) decides which images each epoch trains on, in which order, and with several
+    processes each one's share of every batch. Yields batches on the device."""
 
     def __init__(self, model: nn.Module, recipe: Recipe, train_loader, val_loader, cfg: FinetuneConfig, fabric,
                  augment=None):
         self.train_loader, self.val_loader, self.cfg, self.fabric = train_loader, val_loader, cfg, fabric
         self.rank, self.world = fabric.global_rank, fabric.world_size
+        self.sampler = train_loader.batch_sampler
+        self.sampler.share(self.rank, self.world)
         self.prepare = _preparer(fabric, cfg, augment)
         self.cache, suffix = prefix_cache.for_model(model, recipe, train_loader, val_loader, cfg, self.prepare,
                                                     fabric.autocast, lambda m: _say(self.rank == 0, m))
         self.net = suffix if self.cache else model  # what trains on what is fed
 
     def train(self, epoch: int):
-        if not self.cache and self.world == 1:
-            return self.train_loader
-        batches = [b[self.rank::self.world] for b in epoch_batches(self.train_loader)]
         if self.cache:  # the suffix on this epoch's copy of the frozen prefix's features
-            return self.cache.train_copy(epoch).batches(batches)
-        return torch.utils.data.DataLoader(self.train_loader.dataset, batch_sampler=batches,
-                                           num_workers=self.cfg.num_workers, collate_fn=self.train_loader.collate_fn,
-                                           pin_memory=self.train_loader.pin_memory)
+            return self.cache.train_copy(epoch).batches(self.sampler.shares(epoch))
+        self.sampler.set_epoch(epoch)
+        return self.train_loader
 
     def val(self):
         source = self.cache.val.batches(in_order(len(self.cache.val), self.cfg.batch_size)) if self.cache \
@@ -170,7 +169,7 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key
         model.to(memory_format=torch.channels_last)
     feed = Feed(model, recipe, train_loader, val_loader, cfg, fabric, augment)
     try:
-        history, stopping = _train(model, recipe, feed, train_loader, cfg, run_key, on_epoch, lead)
+        history, stopping = _train(model, recipe, feed, cfg, run_key, on_epoch, lead)
     finally:
         feed.close()  # the cached features go, whatever happened
     model.cpu()
@@ -181,7 +180,7 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key
     return best_state, history, stopping.best_epoch
 
 
-def _train(model, recipe: Recipe, feed: Feed, train_loader, cfg: FinetuneConfig, run_key: str, on_epoch,
+def _train(model, recipe: Recipe, feed: Feed, cfg: FinetuneConfig, run_key: str, on_epoch,
            lead: bool) -> tuple[list, EarlyStopping]:
     fabric = feed.fabric
     history, stopping, first = [], EarlyStopping(cfg.patience, cfg.min_delta), 1
@@ -193,7 +192,7 @@ def _train(model, recipe: Recipe, feed: Feed, train_loader, cfg: FinetuneConfig,
         recipe.optimizer.load_state_dict(saved["optimizer"])
         history = saved["history"]
         stopping.restore(saved)
-        resume.set_rng_state(saved["rng"], train_loader.generator)
+        resume.set_rng_state(saved["rng"], fabric.global_rank)
         first = saved["epoch"] + 1
         _say(lead, f"finetune: resuming after epoch {saved['epoch']} from {Path(cfg.checkpoint_dir) / resume.LAST}")
 
@@ -227,10 +226,11 @@ def _train(model, recipe: Recipe, feed: Feed, train_loader, cfg: FinetuneConfig,
             on_epoch(row)
         epochs.set_postfix(val_loss=f"{row['val_loss']:.4f}", val_acc=f"{row['val_accuracy']:.3f}")
         stopping.update(epoch, row["val_loss"], model)
+        rng = resume.rng_states(fabric) if cfg.checkpoint_dir else None  # every process's, gathered
         if cfg.checkpoint_dir and lead:
             resume.save(cfg.checkpoint_dir, {"run_key": run_key, "epoch": epoch, "model": model.state_dict(),
                                              "optimizer": recipe.optimizer.state_dict(), "history": history,
-                                             **stopping.state(), "rng": resume.rng_state(train_loader.generator)})
+                                             **stopping.state(), "rng": rng})
         if fabric.broadcast(stopping.should_stop):  # rank 0 decides, so no process waits for another
             _say(lead, f"finetune: early stop after epoch {epoch}: val loss has not improved by "
                        f"{cfg.min_delta} for {cfg.patience} epochs")
@@ -256,10 +256,10 @@ def _cpu_copy(state: dict) -> dict:
 
 def _preparer(fabric, cfg: FinetuneConfig, augment=None):
     """Input batch -> on the device (non-blocking from pinned memory), augmented there when the loader
-    left it undone (a list of uint8 images), in channels_last when that is on."""
+    left it undone (a list of uint8 images with their augmentation seeds), in channels_last when that is on."""
     def prepare(x):
-        x = torch.stack([augment(fabric.to_device(image)) for image in x]) if isinstance(x, list) \
-            else fabric.to_device(x)
+        x = torch.stack([seeded(augment, fabric.to_device(image), seed) for image, seed in x]) \
+            if isinstance(x, list) else fabric.to_device(x)
         return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last and x.ndim == 4 else x
 
     return prepare

@@ -4,7 +4,7 @@ When the first layers of the model are frozen (finetune.freeze_until, finetune.f
 epoch would push each image through them again to get the same kind of features. Here the
 frozen prefix (BatchNorm folded into its convolutions) runs once over the validation split and
 once per augmented copy of the training split (finetune.prefix_copies; epoch e trains on copy
-(e - 1) mod copies, in the order the data loader draws), the features go to a memory-mapped
+(e - 1) mod copies, in the order the sampler draws for epoch e; copy k holds epoch k + 1's augmentation), the features go to a memory-mapped
 float16 file (a dataset larger than memory streams from disk), and the epochs train only the
 rest of the model (the suffix) on them.
 
@@ -12,8 +12,9 @@ Only what is provably the same model is cached: the prefix is the longest run of
 stages (top-level modules, nested nn.Sequential opened up) whose parameters are all frozen,
 whose BatchNorm statistics are frozen, that hold no dropout or stochastic depth (random in
 training, so not cacheable), and that no finetune.unfreeze step wakes; and suffix(prefix(x))
-must equal model(x) on a probe batch, else the cache is off and says why. Each copy's
-augmentation is drawn from its own seed, so a resumed run recomputes the same features.
+must equal model(x) on a probe batch, else the cache is off and says why. Each image's augmentation
+is drawn from a seed of its own (components/training/loaders.py), so a resumed run recomputes the same
+features, and the first copies are the very images an uncached run trains on.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from components.storage.atomic import sweep, temporary_prefix
+from components.training.loaders import in_order, sample_seed
 
 RANDOM_IN_TRAINING = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, StochasticDepth)
 
@@ -149,15 +151,16 @@ class PrefixCache:
     def train_copy(self, epoch: int) -> Features:
         k = (epoch - 1) % self.cfg.prefix_copies
         if k not in self.copies:
-            # Each copy's augmentation from its own seed: the same features however the run got here.
-            generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + k)
-            loader = torch.utils.data.DataLoader(self.train_loader.dataset, batch_size=self.cfg.batch_size,
-                                                 shuffle=False, num_workers=self.cfg.num_workers,
-                                                 generator=generator, collate_fn=self.train_loader.collate_fn,
-                                                 pin_memory=self.train_loader.pin_memory)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.cfg.seed * 1000 + k)
-                self.copies[k] = compute(self.prefix, loader, self.folder, f"train-{k}", self.prepare, self.autocast)
+            # Copy k holds the images epoch k + 1 trains on (what an uncached run draws then), every image
+            # from its own seed: the same features however the run got here.
+            dataset, seed = self.train_loader.dataset, self.cfg.seed
+            keys = [[(i, sample_seed(seed, k + 1, i)) for i in batch] for batch in in_order(len(dataset),
+                                                                                            self.cfg.batch_size)]
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=keys, num_workers=self.cfg.num_workers,
+                                                 collate_fn=self.train_loader.collate_fn,
+                                                 pin_memory=self.train_loader.pin_memory,
+                                                 generator=torch.Generator().manual_seed(seed))
+            self.copies[k] = compute(self.prefix, loader, self.folder, f"train-{k}", self.prepare, self.autocast)
         return self.copies[k]
 
     def close(self) -> None:

@@ -26,17 +26,31 @@ from components.storage.atomic import read_json, save_torch, write_json
 LAST, LAST_INFO, RUN_MARKER = "last.pt", "last.json", "mlflow_run.json"
 
 
-def rng_state(generator: torch.Generator) -> dict:
-    """Every random state training draws from, as tensors and plain values (loadable with weights_only)."""
+def rng_state() -> dict:
+    """This process's random states (what the model's own draws, dropout, take from), as tensors and plain
+    values (loadable with weights_only). The images each epoch trains on depend on none of them
+    (components/training/loaders.py)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "loader": generator.get_state(),
+    return {"torch": torch.get_rng_state(),
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             "python": random.getstate()}
 
 
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
+def rng_states(fabric) -> list[dict]:
+    """Every data-parallel process's random states, rank by rank (each may have drawn differently)."""
+    if fabric.world_size == 1:
+        return [rng_state()]
+    import torch.distributed as dist
+
+    gathered = [None] * fabric.world_size
+    dist.all_gather_object(gathered, rng_state())
+    return gathered
+
+
+def set_rng_state(saved, rank: int = 0) -> None:
+    """Restore this process's states from a checkpoint's (a list by rank; one dict in older checkpoints)."""
+    state = saved[rank] if isinstance(saved, list) else saved
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["loader"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
