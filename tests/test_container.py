@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -32,6 +33,20 @@ def test_the_whole_pipeline_runs_in_its_image_and_registers_a_model_whose_files_
     images = {e["container"]["image"] for e in next(compiled)["deploymentSpec"]["executors"].values()}
     assert images == {result["image"]}  # the committed pipeline names the image that was built and run
     assert result["user"] == "10001:10001"
+    # the code in the image is exactly the code its tag is a hash of (pipelines/image.py): every package
+    from pipelines import image
+
+    hashed = sorted({p.relative_to(ROOT).as_posix() for pattern in image.IMAGE_FILES for p in ROOT.glob(pattern)
+                     if p.is_file() and "__pycache__" not in p.parts})
+    container = subprocess.run(["podman", "create", result["image"], "true"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    try:
+        mounted = Path(subprocess.run(["podman", "mount", container], capture_output=True, text=True,
+                                      check=True).stdout.strip()) / "app"
+        shipped = sorted(p.relative_to(mounted).as_posix() for p in mounted.rglob("*") if p.is_file())
+    finally:
+        subprocess.run(["podman", "rm", "-f", container], capture_output=True)
+    assert shipped == [name for name in hashed if name != "requirements.lock"]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert result["labels"]["org.opencontainers.image.revision"].removesuffix("-dirty") == head
     assert result["git_commit_tag"] == result["labels"]["org.opencontainers.image.revision"]  # logged from the image
