@@ -6,7 +6,7 @@ PLOTS  := .dvc/plots/offline.html
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup system-packages venv lock run run-local demo-inputs generate init test ui screenshot stack stack-down image run-container \
-	sbom audit reliability bench-transfer bench-speed clean
+	sbom audit reliability imagenet-zoo bench-transfer bench-speed clean
 
 setup: venv $(PLOTS)
 
@@ -53,8 +53,8 @@ generate: setup                ## rewrite dvc.yaml and pipelines/finetune_pipeli
 	python -m pipelines generate
 
 init: setup                    ## your own images: make init DATA=path/or/s3 WEIGHTS=torchvision://resnet50?weights=IMAGENET1K_V2
-	@test -n "$(DATA)" -a -n "$(WEIGHTS)" || { echo "usage: make init DATA=<folder or s3://bucket/prefix> WEIGHTS=<pretrained URI> [ARCH=...] [NAME=...] [SHA256=...]"; exit 2; }
-	python -m pipelines init --data "$(DATA)" --weights "$(WEIGHTS)" $(if $(ARCH),--arch "$(ARCH)") $(if $(NAME),--name "$(NAME)") $(if $(SHA256),--sha256 "$(SHA256)")
+	@test -n "$(DATA)" -a -n "$(WEIGHTS)" || { echo "usage: make init DATA=<folder or s3://bucket/prefix> WEIGHTS=<pretrained URI> [ARCH=...] [LIBRARY=...] [NAME=...] [SHA256=...]"; exit 2; }
+	python -m pipelines init --data "$(DATA)" --weights "$(WEIGHTS)" $(if $(ARCH),--arch "$(ARCH)") $(if $(LIBRARY),--library "$(LIBRARY)") $(if $(NAME),--name "$(NAME)") $(if $(SHA256),--sha256 "$(SHA256)")
 
 test: system-packages setup  ## the test suite (installs what it needs first: Debian packages, .venv)
 	python -m pytest
@@ -89,7 +89,10 @@ reliability: setup            ## bad inputs and injected faults per step -> the 
 bench-speed: setup            ## the fine-tune step against the tutorial recipe and the training step's bound
 	python benchmarks/finetune_speed.py
 
-bench-transfer: setup          ## zoo checkpoint vs random initialisation on the default task
+imagenet-zoo: setup            ## real ImageNet weights offline: zoo/efficientnet_lite0-imagenet.pt (timm), checked on photos
+	python -m pipelines imagenet-zoo
+
+bench-transfer: setup          ## ImageNet weights vs random init vs a linear probe, photographs at 224 px (~30 min)
 	python benchmarks/transfer.py
 
 clean:                         ## pipeline outputs and the local MLflow store (not .venv)

@@ -86,8 +86,17 @@ class AugmentConfig(Section):
 class PretrainedConfig(Section):
     uri: str = Field(min_length=1)
     sha256: str = Field(pattern=r"^([0-9a-f]{64})?$")
+    library: Literal["torchvision", "timm"]   # whose architecture `arch` is
     arch: str
     max_size_mb: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _scheme_fits_library(self):
+        scheme = self.uri.split("://")[0] if "://" in self.uri else ""
+        wanted = {"torchvision": "torchvision", "timm": "timm", "hf-hub": "timm"}.get(scheme)
+        if wanted and wanted != self.library:
+            raise ValueError(f"uri {scheme}:// holds {wanted} weights but library is '{self.library}'")
+        return self
 
 
 class UnfreezeStep(Section):

@@ -54,9 +54,10 @@ def run_key(dataset_dir, augment_dir, pretrained_dir, cfg: FinetuneConfig) -> st
 
 def pretrained_model(pretrained_dir, class_names: list[str], cfg: FinetuneConfig):
     """The fetched network with its weights, a new output layer where the old one cannot serve these
-    classes, and finetune.reinit's modules started afresh. Returns (model, arch, replaced head or None)."""
+    classes, and finetune.reinit's modules started afresh. Returns (model, arch, replaced head or None,
+    library)."""
     info, source = weights.read_info(pretrained_dir), weights.load(pretrained_dir)
-    model = architectures.build(source.arch, info["num_classes"])
+    model = architectures.build(source.arch, info["num_classes"], source.library)
     architectures.load_weights(model, source.state_dict, source.arch)
     torch.manual_seed(cfg.seed)  # the new output layer's initial weights are part of the run's recipe
     # A new output layer when the old one cannot or should not be reused: another class
@@ -66,8 +67,8 @@ def pretrained_model(pretrained_dir, class_names: list[str], cfg: FinetuneConfig
     if info["num_classes"] != len(class_names) or (source_classes and source_classes != class_names):
         head = architectures.replace_head(model, len(class_names))
     if cfg.reinit:  # keep the generic lower layers, start the task-specific top afresh
-        architectures.reinit(model, source.arch, cfg.reinit)
-    return model, source.arch, head
+        architectures.reinit(model, source.arch, cfg.reinit, source.library)
+    return model, source.arch, head, source.library
 
 
 def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig, on_epoch=None,
@@ -83,7 +84,8 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig,
     torch.set_num_threads(max(1, min(torch.get_num_threads(), joblib.cpu_count() // distributed.local_processes())))
     class_names = dataset.classes(dataset_dir)
     policy = policy_artifact.read(augment_dir)
-    model, arch, head = pretrained_model(pretrained_dir, class_names, cfg)
+    model, arch, head, library = pretrained_model(pretrained_dir, class_names, cfg)
+    architectures.check_input(model, policy.image_size, arch)  # a size the network cannot take: now
 
     on_device = cfg.gpu_augment and fabric.device.type == "cuda"
     train_loader, val_loader = make_loaders(dataset_dir, policy, cfg, class_names, augment_on_device=on_device)
@@ -93,6 +95,7 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig,
     counts = architectures.parameter_counts(model)
     best = next(r for r in history if r["epoch"] == best_epoch)  # the saved epoch, whatever came after
     summary = {
+        "library": library,
         "arch": arch,
         "best_epoch": best["epoch"],
         "best_val_loss": best["val_loss"],
@@ -116,7 +119,7 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig,
           f"at the start, {counts['trainable']:,} of {counts['total']:,} at the end", file=sys.stderr)
     preprocessing = {"image_size": policy.image_size, "mean": list(policy.mean), "std": list(policy.std)}
     model_artifact.write(out, Checkpoint(arch, class_names, best_state, preprocessing, cfg.model_dump(mode="json"),
-                                         summary), history, summary, save_curves, run_record)
+                                         summary, library), history, summary, save_curves, run_record)
     if cfg.checkpoint_dir:
         resume.finished(cfg.checkpoint_dir)
     return summary

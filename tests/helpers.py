@@ -186,6 +186,26 @@ def make_photo_folder(root: Path, per_class: int = 14, seed: int = 0) -> Path:
     return root
 
 
+def hub_cache(hf_home: Path, repo: str, files: dict[str, bytes], commit: str = "0" * 40) -> Path:
+    """A Hugging Face hub cache under `hf_home` holding `repo` at `commit` (refs/main pointing at it) with
+    `files`, laid out as huggingface_hub keeps it ($HF_HOME/hub/models--<org>--<name>/...): what a machine
+    that downloaded the repository once has, read with HF_HUB_OFFLINE=1."""
+    folder = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    return snapshot
+
+
+def safetensors_bytes(state_dict: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in state_dict.items()})
+
+
 def serve_https(tmp_path: Path, handler) -> tuple:
     """A real HTTPS server on loopback (self-signed certificate for 127.0.0.1) running `handler`, in a
     thread. Returns (server, base URL, certificate file to trust through SSL_CERT_FILE)."""

@@ -132,3 +132,26 @@ def test_synchronised_batchnorm_on_cpu_processes_is_refused_before_any_starts(ar
         "finetune: error: finetune.sync_batchnorm: synchronised BatchNorm needs GPUs; these 2 processes run on "
         "CPUs, where each normalises its share of the batch (set it to false)")
     assert "data-parallel processes" not in stderr  # refused before the launcher started any
+
+
+def test_two_gloo_processes_fine_tune_a_timm_network_as_one_process_does(artifacts, imagenet_zoo, tmp_path):
+    """Data parallelism and the frozen-prefix cache with a timm network: real ImageNet weights of
+    efficientnet_lite0, at a small size, all but its new output layer frozen (BatchNorm in training mode
+    would normalise each process's half of a batch, not the whole)."""
+    from components.fetch_pretrained import fetch
+    from helpers import pretrained_cfg
+
+    timm_inputs = tmp_path / "timm-inputs"
+    timm_inputs.mkdir()
+    for name in ("data", "aug"):
+        (timm_inputs / name).symlink_to(artifacts / name)
+    fetch(pretrained_cfg(f"timm://efficientnet_lite0?weights={imagenet_zoo}", library="timm",
+                         arch="efficientnet_lite0"), timm_inputs / "pre")
+    settings = dict(freeze_until="classifier", unfreeze=[], prefix_cache=True)
+    one, _ = _run(timm_inputs, tmp_path, "timm-one", 1, timm_inputs / "aug", **settings)
+    two, _ = _run(timm_inputs, tmp_path, "timm-two", 2, timm_inputs / "aug", **settings)
+    h1, h2 = (json.loads((d / "history.json").read_text()) for d in (one, two))
+    assert [r["val_loss"] for r in h2] == pytest.approx([r["val_loss"] for r in h1], rel=1e-3)
+    w1, w2 = (torch.load(d / "model.pt", weights_only=True) for d in (one, two))
+    assert w1["library"] == "timm" and w1["arch"] == "efficientnet_lite0"
+    assert torch.allclose(w1["state_dict"]["classifier.weight"], w2["state_dict"]["classifier.weight"], atol=1e-4)

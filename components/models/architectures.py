@@ -1,7 +1,12 @@
-"""torchvision architectures: building, loading weights, the output layer, freezing, re-initialising.
+"""The networks the pipeline fine-tunes, from torchvision or timm: building, loading weights, the output
+layer, freezing, re-initialising.
 
-The output layer is found, not listed per architecture: it is the last nn.Linear in module
-order (resnet `fc`, mobilenet_v3 `classifier.3`, efficientnet `classifier.1`, vit `heads.head`).
+A network is a library and an architecture (pretrained.library, pretrained.arch). Its output layer is
+found, not listed per architecture: timm names it (`pretrained_cfg["classifier"]`); in a torchvision
+network it is the last nn.Linear in module order (resnet `fc`, mobilenet_v3 `classifier.3`, efficientnet
+`classifier.1`, vit `heads.head`), else the last 1x1 convolution (squeezenet `classifier.1`). GoogLeNet
+and Inception v3 are built without their auxiliary classifiers (training-time extra outputs; their weights
+are dropped on loading) and with the input transform their ImageNet weights were trained with.
 """
 
 from __future__ import annotations
@@ -20,29 +25,69 @@ class WeightsError(ValueError):
     """Weights do not fit the requested architecture; the message lists what differs."""
 
 
-def build(arch: str, num_classes: int) -> nn.Module:
+LIBRARIES = ("torchvision", "timm")
+# Auxiliary classifiers: extra outputs in training mode, not part of the network that is served.
+AUXILIARY = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
+def build(arch: str, num_classes: int, library: str = "torchvision") -> nn.Module:
+    if library == "timm":
+        import timm
+
+        if not timm.is_model(arch):
+            import difflib
+
+            close = ", ".join(difflib.get_close_matches(arch, timm.list_models(), n=6, cutoff=0.7)) or "none close"
+            raise WeightsError(f"pretrained.arch: unknown timm architecture '{arch}' (close: {close})")
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes)
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise WeightsError(f"pretrained.arch: unknown torchvision classification architecture '{arch}'")
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    extra = dict(aux_logits=False, transform_input=True, init_weights=True) if arch in AUXILIARY else {}
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **extra)
 
 
 def head_name(model: nn.Module) -> str:
+    named = getattr(model, "pretrained_cfg", None)  # timm's networks name their output layer
+    if isinstance(named, dict) and isinstance(named.get("classifier"), str):
+        return named["classifier"]
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise WeightsError(f"{type(model).__name__} has no nn.Linear output layer")
-    return names[-1]
+    if names:
+        return names[-1]
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
+    if convs:  # a network that scores classes with a 1x1 convolution (squeezenet)
+        return convs[-1]
+    raise WeightsError(f"{type(model).__name__} has no output layer this pipeline can replace (an nn.Linear, or "
+                       "a 1x1 convolution)")
 
 
-def num_outputs(state_dict: dict, arch: str) -> int:
+def num_outputs(state_dict: dict, arch: str, library: str = "torchvision") -> int:
     """Class count of a state dict for `arch`, read from its output layer's weight."""
-    key = f"{head_name(build(arch, 2))}.weight"
+    key = f"{head_name(build(arch, 2, library))}.weight"
     if key not in state_dict:
-        raise WeightsError(f"weights have no '{key}': not a {arch} state dict")
+        raise WeightsError(f"weights have no '{key}': not a {library} {arch} state dict")
     return int(state_dict[key].shape[0])
 
 
+def check_input(model: nn.Module, image_size: int, arch: str) -> None:
+    """Refuse, before any training, a network that cannot take augment.image_size (a ViT's fixed size, a
+    minimum size), with the network's own reason on one line."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, 3, image_size, image_size))
+    except Exception as err:  # noqa: BLE001 - whatever the network says, it cannot run at this size
+        reason = " ".join(str(err).split())[:200]
+        raise WeightsError(f"pretrained.arch: {arch} cannot take {image_size}x{image_size} images "
+                           f"(augment.image_size): {type(err).__name__}: {reason}") from None
+    finally:
+        model.train(was_training)
+
+
 def load_weights(model: nn.Module, state_dict: dict, arch: str) -> None:
-    """Strict load; on mismatch, one error listing every missing, unexpected and mis-shaped layer."""
+    """Strict load; on mismatch, one error listing every missing, unexpected and mis-shaped layer.
+    An auxiliary classifier's weights (googlenet, inception_v3) are dropped: the network has none."""
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(AUXILIARY.get(arch, ()))}
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -59,12 +104,20 @@ def load_weights(model: nn.Module, state_dict: dict, arch: str) -> None:
 
 
 def replace_head(model: nn.Module, num_classes: int) -> str:
-    """Swap the output layer for a freshly initialised one with `num_classes` outputs."""
+    """Swap the output layer for a freshly initialised one with `num_classes` outputs (timm's own
+    reset_classifier for its networks)."""
     name = head_name(model)
+    if hasattr(model, "reset_classifier") and getattr(model, "pretrained_cfg", None):
+        model.reset_classifier(num_classes)
+        return name
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, attr)
-    setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+    if isinstance(old, nn.Conv2d):
+        new = nn.Conv2d(old.in_channels, num_classes, kernel_size=1, bias=old.bias is not None)
+    else:
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    setattr(parent, attr, new)
     return name
 
 
@@ -148,10 +201,11 @@ def parameters_of(model: nn.Module, patterns: list[str], setting: str) -> list[n
     return found
 
 
-def reinit(model: nn.Module, arch: str, patterns: list[str]) -> list[str]:
+def reinit(model: nn.Module, arch: str, patterns: list[str], library: str = "torchvision") -> list[str]:
     """Give the matched modules fresh weights, initialised as `arch` initialises them (its own
     scheme, not PyTorch's layer defaults). Returns the state-dict keys that were reset."""
-    fresh = build(arch, model.get_submodule(head_name(model)).out_features).state_dict()
+    head = model.get_submodule(head_name(model))
+    fresh = build(arch, getattr(head, "out_features", None) or head.out_channels, library).state_dict()
     prefixes = tuple(name + "." for name in match_modules(model, patterns, "finetune.reinit"))
     state = model.state_dict()
     reset = [k for k in state if k.startswith(prefixes)]

@@ -134,7 +134,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         from components.artifacts import checkpoint
 
         ckpt = checkpoint.load(path)
-        net = architectures.build(ckpt.arch, len(ckpt.class_names))
+        net = architectures.build(ckpt.arch, len(ckpt.class_names), ckpt.library)
         architectures.load_weights(net, ckpt.state_dict, ckpt.arch)
         prep = ckpt.preprocessing
         self.class_names = list(ckpt.class_names)

@@ -3,6 +3,12 @@
     zoo/model.pt, file:///abs/model.pt                a local file, used in place
     torchvision://<arch>?weights=<NAME>                torchvision's weights API; torch.hub's cache
                                                        ($TORCH_HOME/hub/checkpoints) under its file name
+    timm://<model>[.<tag>]                             timm's pretrained weights for <model>, from the
+                                                       Hugging Face hub's cache ($HF_HOME/hub; offline
+                                                       with HF_HUB_OFFLINE=1)
+    timm://<model>?weights=<uri>                       a timm <model> with weights from any URI here
+    hf-hub://<org>/<repo>                              a timm-format repository on the Hugging Face hub
+                                                       (config.json names the architecture)
     https://host/path/model.pt                         needs pretrained.sha256
     s3://bucket/key                                    boto3; endpoint from AWS_ENDPOINT_URL, keys from
                                                        the environment
@@ -18,6 +24,7 @@ then is renamed into the cache.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -182,6 +189,78 @@ def _s3(uri: str, pin: str, max_bytes: int, etag: str = "") -> Path:
         raise FetchError(f"pretrained.uri: {uri}: {err}") from None
 
 
+def imagenet_names(num_classes: int) -> list[str] | None:
+    """ImageNet-1k's class names, as torchvision writes them ("tench", "goldfish", ...)."""
+    if num_classes != 1000:
+        return None
+    from timm.data import ImageNetInfo
+
+    return [d.split(",")[0] for d in ImageNetInfo("imagenet-1k").label_descriptions()]
+
+
+def _hub_weights(repo: str, uri: str) -> Path:
+    """The weights file of a Hugging Face hub repository: from the hub's cache, downloaded into it only
+    where the hub can be reached (not with HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    for filename in ("model.safetensors", "pytorch_model.bin"):  # what timm's hub loading looks for
+        try:
+            return Path(hf_hub_download(repo, filename))
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            continue
+        except (HfHubHTTPError, OSError, ValueError) as err:
+            raise FetchError(f"pretrained.uri: {uri}: {repo}: {type(err).__name__}: {err}") from None
+    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+
+    raise FetchError(f"pretrained.uri: {uri}: no weights of {repo} (model.safetensors or pytorch_model.bin) in "
+                     f"the Hugging Face cache {HF_HUB_CACHE}" + (" and HF_HUB_OFFLINE is set" if HF_HUB_OFFLINE
+                                                                  else " nor on the hub"))
+
+
+def _timm(uri: str, arch: str, pin: str, max_bytes: int, version: str) -> tuple[Path, list[str] | None, str]:
+    """timm://<model>[.<tag>]: timm's pretrained weights from the hub; ?weights=<uri>: from that URI."""
+    import timm
+
+    parsed = urlparse(uri)
+    model = parsed.netloc + parsed.path
+    if model.split(".")[0] != arch:
+        raise FetchError(f"pretrained.uri names architecture '{model.split('.')[0]}' but pretrained.arch is '{arch}'")
+    inner = parse_qs(parsed.query).get("weights", [])
+    if inner:
+        if "://" in inner[0] and inner[0].split("://")[0] in ("timm", "hf-hub", "torchvision"):
+            raise FetchError(f"pretrained.uri: {uri}: ?weights= names a file, s3://, https:// or models:/ URI")
+        path, names, source = local_file(inner[0], arch, pin, max_bytes, version)
+        return path, names, f"timm://{model}?weights={source}"
+    cfg = timm.models.get_pretrained_cfg(model) if timm.is_model(arch) else None
+    if cfg is None or not cfg.hf_hub_id:
+        raise FetchError(f"pretrained.uri: {uri}: timm has no Hugging Face hub weights for '{model}'; give a file or "
+                         f"URI as timm://{model}?weights=<uri>")
+    path = _hub_weights(cfg.hf_hub_id, uri)
+    _check_size(uri, path.stat().st_size, max_bytes)
+    return path, imagenet_names(cfg.num_classes), f"timm://{model}?revision={path.parent.name}"
+
+
+def _hf_hub(uri: str, arch: str, max_bytes: int) -> tuple[Path, list[str] | None, str]:
+    """hf-hub://<org>/<repo>: a timm-format repository (config.json: architecture, num_classes, label_names)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo = uri[len("hf-hub://"):].strip("/")
+    try:
+        config = json.loads(Path(hf_hub_download(repo, "config.json")).read_text())
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        raise FetchError(f"pretrained.uri: {uri}: no config.json of {repo} in the Hugging Face cache or on the hub "
+                         f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if config.get("architecture") != arch:
+        raise FetchError(f"pretrained.uri: {uri}: its config.json names architecture '{config.get('architecture')}' "
+                         f"but pretrained.arch is '{arch}'")
+    path = _hub_weights(repo, uri)
+    _check_size(uri, path.stat().st_size, max_bytes)
+    names = config.get("label_names") or imagenet_names(config.get("num_classes", 0))
+    return path, list(names) if names else None, f"hf-hub://{repo}?revision={path.parent.name}"
+
+
 def _registry(uri: str, pin: str, max_bytes: int) -> tuple[Path, str]:
     """The checkpoint of a registered version, and the immutable models:/<name>/<version> it resolved to."""
     import mlflow
@@ -244,6 +323,10 @@ def pin(uri: str, arch: str, sha256: str = "") -> tuple[str, str]:
         return uri, f"sha256:{sha256}"
     if uri.startswith("torchvision://"):
         return uri, uri
+    if uri.startswith("timm://") and "weights=" in uri:
+        parsed = urlparse(uri)
+        inner, content = pin(parse_qs(parsed.query)["weights"][0], arch)
+        return f"timm://{parsed.netloc}{parsed.path}?weights={inner}", content
     if uri.startswith("https://"):
         raise FetchError(f"pretrained.sha256: required for {uri}: an https:// download is trusted only when pinned")
     if uri.startswith("models:/"):
@@ -281,6 +364,10 @@ def local_file(uri: str, arch: str, pin: str = "", max_bytes: int = 2**40,
     if uri.startswith("torchvision://"):
         path, names = _torchvision(uri, arch, max_bytes)
         return path, names, uri
+    if uri.startswith("timm://"):
+        return _timm(uri, arch, pin, max_bytes, version)
+    if uri.startswith("hf-hub://"):
+        return _hf_hub(uri, arch, max_bytes)
     if uri.startswith("https://"):
         return _https(uri, pin, max_bytes), None, uri
     if uri.startswith("s3://"):
@@ -293,7 +380,7 @@ def local_file(uri: str, arch: str, pin: str = "", max_bytes: int = 2**40,
         path = Path(uri[len("file://"):])
     elif "://" in uri:
         raise FetchError(f"pretrained.uri: {uri}: unsupported scheme "
-                         "(use a path, file://, torchvision://, https://, s3:// or models:/)")
+                         "(use a path, file://, torchvision://, timm://, hf-hub://, https://, s3:// or models:/)")
     else:
         path = Path(uri)
     if not path.is_file():

@@ -46,7 +46,8 @@ def training_params(inputs: TrainingInputs) -> dict[str, str]:
     """Parameters as the steps' own outputs record them."""
     return {**flatten("data", inputs.report["config"]),
             **flatten("augment", inputs.policy),
-            **flatten("pretrained", {k: inputs.pretrained[k] for k in ("uri", "sha256", "arch")}),
+            **flatten("pretrained", {k: inputs.pretrained.get(k, "torchvision") for k in ("uri", "sha256", "library",
+                                                                                        "arch")}),
             **flatten("finetune", inputs.finetune)}
 
 

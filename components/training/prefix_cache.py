@@ -31,6 +31,11 @@ from components.storage.atomic import sweep, temporary_prefix
 from components.training.loaders import in_order, sample_seed
 
 RANDOM_IN_TRAINING = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, StochasticDepth)
+RANDOM_BY_NAME = ("DropPath", "DropBlock2d")  # timm's stochastic depth and DropBlock (timm/layers/drop.py)
+
+
+def _random_in_training(module: nn.Module) -> bool:
+    return isinstance(module, RANDOM_IN_TRAINING) or type(module).__name__ in RANDOM_BY_NAME
 
 
 def _stages(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
@@ -66,12 +71,15 @@ def split(model: nn.Module, frozen_bn: list[nn.Module], later_unfrozen: list[str
         params = list(stage.parameters())
         bns = [m for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if (any(p.requires_grad for p in params) or any(bn not in frozen_bn for bn in bns)
-                or any(isinstance(m, RANDOM_IN_TRAINING) for m in stage.modules())
+                or any(_random_in_training(m) for m in stage.modules())
                 or any(name == w or name.startswith(w + ".") or w.startswith(name + ".") for w in woken)):
             break
         k += 1
     if not any(p.numel() for _, s in stages[:k] for p in s.parameters()):
         return None, None, "no frozen layers at the start of the model"
+    if getattr(model, "drop_rate", 0) > 0:  # timm: dropout in forward_head, a function, not a module of the chain
+        return None, None, (f"{type(model).__name__} drops out in its forward (drop_rate {model.drop_rate}), "
+                            "which a chain of its modules does not")
     prefix, suffix = nn.Sequential(*(s for _, s in stages[:k])), Suffix([s for _, s in stages[k:]])
     was_training = model.training
     model.eval()
@@ -184,6 +192,11 @@ def for_model(model: nn.Module, recipe, train_loader, val_loader, cfg, prepare, 
         say(f"finetune: frozen-prefix cache off: {names}")
         return None, None
     fast = fused(prefix)
+    was_training = prefix.training
+    with torch.no_grad():  # folding is checked like the split: the same features, or the prefix as it is
+        if not torch.allclose(fast(probe), prefix.eval()(probe), atol=1e-4, rtol=1e-4):
+            fast = prefix
+    prefix.train(was_training)
     if cfg.channels_last:
         fast.to(memory_format=torch.channels_last)
     cache = PrefixCache(fast, train_loader, val_loader, cfg, prepare, autocast, workdir=cfg.checkpoint_dir or None)
