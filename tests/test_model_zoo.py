@@ -263,6 +263,12 @@ def test_an_hf_hub_repository_names_its_architecture_and_classes(tmp_path, offli
     info = json.loads((tmp_path / "pre" / "pretrained.json").read_text())
     assert info["resolved_uri"] == "hf-hub://local/lite0-imagenet?revision=" + "b" * 40
     assert info["num_classes"] == 1000
+    # the pin resolve records is what a later fetch reads: that snapshot, and no other
+    pinned = _fetch_cli(tmp_path, info["resolved_uri"], "efficientnet_lite0", offline_hub)
+    assert pinned.returncode == 0, pinned.stderr
+    moved = _fetch_cli(tmp_path, "hf-hub://local/lite0-imagenet?revision=" + "c" * 40, "efficientnet_lite0",
+                       offline_hub)
+    assert moved.returncode == 4 and "no config.json of local/lite0-imagenet" in moved.stderr
     other = _fetch_cli(tmp_path, "hf-hub://local/lite0-imagenet", "mobilenetv3_large_100", offline_hub)
     assert other.returncode == 4 and other.stderr.strip().splitlines()[-1] == (
         "fetch_pretrained: error: pretrained.uri: hf-hub://local/lite0-imagenet: its config.json names "

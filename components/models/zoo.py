@@ -198,15 +198,20 @@ def imagenet_names(num_classes: int) -> list[str] | None:
     return [d.split(",")[0] for d in ImageNetInfo("imagenet-1k").label_descriptions()]
 
 
+def _revision(uri: str) -> str | None:
+    """The hub commit a resolved URI pins (`?revision=<commit>`, what resolve records); None: the newest."""
+    return parse_qs(urlparse(uri).query).get("revision", [None])[0]
+
+
 def _hub_weights(repo: str, uri: str) -> Path:
-    """The weights file of a Hugging Face hub repository: from the hub's cache, downloaded into it only
-    where the hub can be reached (not with HF_HUB_OFFLINE=1)."""
+    """The weights file of a Hugging Face hub repository at the URI's revision: from the hub's cache,
+    downloaded into it only where the hub can be reached (not with HF_HUB_OFFLINE=1)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     for filename in ("model.safetensors", "pytorch_model.bin"):  # what timm's hub loading looks for
         try:
-            return Path(hf_hub_download(repo, filename))
+            return Path(hf_hub_download(repo, filename, revision=_revision(uri)))
         except (EntryNotFoundError, LocalEntryNotFoundError):
             continue
         except (HfHubHTTPError, OSError, ValueError) as err:
@@ -246,9 +251,10 @@ def _hf_hub(uri: str, arch: str, max_bytes: int) -> tuple[Path, list[str] | None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    repo = uri[len("hf-hub://"):].strip("/")
+    parsed = urlparse(uri)
+    repo = (parsed.netloc + parsed.path).strip("/")
     try:
-        config = json.loads(Path(hf_hub_download(repo, "config.json")).read_text())
+        config = json.loads(Path(hf_hub_download(repo, "config.json", revision=_revision(uri))).read_text())
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
         raise FetchError(f"pretrained.uri: {uri}: no config.json of {repo} in the Hugging Face cache or on the hub "
                          f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
