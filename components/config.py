@@ -198,6 +198,12 @@ class Toleration(Section):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
 
 
+class VolumeSettings(Section):
+    claim: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # the PersistentVolumeClaim's name
+    size: str = Field(pattern=MEMORY)                           # "20Gi"
+    storage_class: str                                          # empty: the cluster's default StorageClass
+
+
 TASKS = ("resolve", "data", "augment", "fetch_pretrained", "finetune", "validate", "register")  # Kubeflow's
 
 
@@ -210,6 +216,8 @@ class PipelineConfig(Section):
     gpu_tolerations: list[Toleration]
     mlflow_config_map: str
     mlflow_secret: str
+    credentials_secret: str         # optional Secret with a `netrc` key: tokens for https weights and git repositories
+    checkpoint_volume: VolumeSettings  # holds finetune.checkpoint_dir on the cluster: a retried fine-tune resumes
 
     @model_validator(mode="after")
     def _every_task_sized(self):

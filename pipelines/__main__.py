@@ -13,7 +13,9 @@
 """
 
 import argparse
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from pipelines import dvc_yaml, trainjob
@@ -51,6 +53,13 @@ def main(argv=None) -> int:
     _cluster_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "generate":
+        from components.config import ConfigError
+
+        try:  # the compiled file is committed: a credential in params.yaml must not reach it
+            fp.no_credentials(fp.PARAMS)
+        except ConfigError as err:
+            print(f"generate: params.yaml: {err}", file=sys.stderr)
+            return 2
         print(f"generated {dvc_yaml.write(fp.PARAMS, args.dvc_yaml)}, {fp.compile_pipeline(args.compiled)} and "
               f"{trainjob.write(fp.PARAMS, args.trainjob)}")
     elif args.command == "trainjob":
@@ -78,7 +87,33 @@ def main(argv=None) -> int:
         except ConfigError as err:
             print(f"{args.command}: {err}", file=sys.stderr)
             return 2
+        except Exception as err:  # the server's answer or its silence, in one line
+            message = _server_error(err, args.host or os.environ.get("KF_PIPELINES_ENDPOINT", ""))
+            if message is None:
+                raise
+            print(f"{args.command}: {message}", file=sys.stderr)
+            return 3
     return 0
+
+
+def _server_error(err: Exception, host: str) -> str | None:
+    """One line for an error the KFP server gave (its own message), or for a server that does not answer;
+    None for anything else (a bug: its traceback is wanted)."""
+    import json
+
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
+
+    if isinstance(err, ApiException):
+        try:
+            detail = json.loads(err.body).get("message") or err.body
+        except (TypeError, ValueError, AttributeError):
+            detail = err.body or ""
+        return f"the KFP server answered {err.status} {err.reason}: {str(detail).strip().splitlines()[0][:300]}"
+    if isinstance(err, (urllib3.exceptions.HTTPError, ConnectionError)):
+        reason = str(getattr(err, "reason", None) or err).split("): ")[-1]  # urllib3 names its pool first
+        return f"the KFP server at {host or '(no --host, no $KF_PIPELINES_ENDPOINT)'} does not answer ({reason})"
+    return None
 
 
 def _cluster_commands(sub) -> None:
@@ -121,10 +156,15 @@ def _cluster_commands(sub) -> None:
 def _cluster(args) -> None:
     import tempfile
 
+    # kfp.Client warns on every start that it needs a v2 server, which is what this project targets
+    warnings.filterwarnings("ignore", "This client only works with Kubeflow Pipeline v2", FutureWarning)
     from pipelines import cluster
 
     if args.command in ("upload", "run", "schedule"):
-        params = cluster.cluster_ready(cluster.load(args.params, args.param))
+        params = fp.no_credentials(cluster.cluster_ready(
+            cluster.load(args.params, args.param, compiled_in=args.command == "upload")))
+        if args.command == "schedule":
+            cluster.check_schedule(args.cron, args.max_concurrency)
     client = cluster.client(args.host, args.namespace, args.token_env, args.in_cluster)
     if args.command == "upload":
         with tempfile.TemporaryDirectory() as tmp:

@@ -35,7 +35,7 @@ SCHEMES = ("s3://", "gs://", "https://", "http://", "file://", "torchvision://",
 
 # ---- parameters -----------------------------------------------------------------------------
 
-def _set(tree: dict, dotted: str, value) -> None:
+def _set(tree: dict, dotted: str, text: str) -> None:
     *parents, last = dotted.split(".")
     node = tree
     for key in parents:
@@ -44,21 +44,30 @@ def _set(tree: dict, dotted: str, value) -> None:
         node = node[key]
     if last not in node:
         raise ConfigError(f"--param {dotted}: params.yaml has no setting '{dotted}'")
-    node[last] = value
+    value = yaml.safe_load(text)
+    # a string setting keeps the text as typed: a digits-only hash or version is not a number
+    node[last] = text if isinstance(node[last], str) and not isinstance(value, str) else value
 
 
-def load(params_file: Path, overrides: list[str]) -> Params:
-    """params.yaml (or `params_file`) with `section.key=value` overrides (values read as YAML), validated."""
+def load(params_file: Path, overrides: list[str], compiled_in: bool = True) -> Params:
+    """params.yaml (or `params_file`) with `section.key=value` overrides (values read as YAML, a string
+    setting's as typed), validated. `compiled_in=False` (run, schedule): the `pipeline` section is compiled
+    into the version at upload, so overriding it then is refused rather than ignored."""
     raw = yaml.safe_load(Path(params_file).read_text())
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--param {item}: expected section.key=value")
-        _set(raw, key.strip(), yaml.safe_load(value))
+        if not compiled_in and key.strip().split(".")[0] == "pipeline":
+            raise ConfigError(f"--param {key.strip()}: the pipeline section (image, sizes, timeouts, retries, GPUs) "
+                              "is compiled into the version at upload: pass it to `python -m pipelines upload`")
+        _set(raw, key.strip(), value)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(raw, f)
     try:
         return load_params(f.name)
+    except ConfigError as err:  # named after the file and overrides the user gave, not the temporary copy
+        raise ConfigError(str(err).replace(f.name, f"{params_file}{' with --param' if overrides else ''}")) from None
     finally:
         os.unlink(f.name)
 
@@ -83,7 +92,8 @@ def compile_for(params: Params, out: Path, image: str = "") -> Path:
     if image:
         docs = list(yaml.safe_load_all(out.read_text()))
         for executor in docs[0]["deploymentSpec"]["executors"].values():
-            executor["container"]["image"] = image
+            if executor["container"]["image"] == fp.IMAGE:  # not kfp-kubernetes' argostub/createpvc and the like
+                executor["container"]["image"] = image
         out.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     return out
 
@@ -107,17 +117,30 @@ def _namespace(client) -> str | None:
     return client.get_user_namespace() or None
 
 
+def find_pipeline(client) -> str | None:
+    """The pipeline's id in the client's namespace. kfp.Client.get_pipeline_id sends no namespace, and the
+    server lists only shared pipelines then (multi-user), so a namespaced pipeline is never found by it."""
+    import json
+
+    flt = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": fp.PIPELINE_NAME}]})
+    found = client.list_pipelines(filter=flt, namespace=_namespace(client), page_size=2).pipelines or []
+    found = [p for p in found if p.display_name == fp.PIPELINE_NAME]
+    if len(found) > 1:
+        raise ConfigError(f"{len(found)} pipelines named {fp.PIPELINE_NAME} on the server: delete all but one")
+    return found[0].pipeline_id if found else None
+
+
 def upload(client, package: Path, version_name: str = "") -> tuple[str, str]:
     """Add `package` as a new version of the pipeline (created the first time): (pipeline id, version id)."""
     version_name = version_name or f"{fp.IMAGE.rsplit(':', 1)[-1]}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    pipeline_id = client.get_pipeline_id(fp.PIPELINE_NAME)
-    if pipeline_id is None:
+    found = find_pipeline(client)
+    if found is None:
         pipeline = client.upload_pipeline(str(package), pipeline_name=fp.PIPELINE_NAME,
                                           description="Fine-tune a pretrained image classifier; register it in "
                                           "MLflow when it passes validation.", namespace=_namespace(client))
         return pipeline.pipeline_id, latest_version(client, pipeline.pipeline_id)
-    version = client.upload_pipeline_version(str(package), version_name, pipeline_id=pipeline_id)
-    return pipeline_id, version.pipeline_version_id
+    version = client.upload_pipeline_version(str(package), version_name, pipeline_id=found)
+    return found, version.pipeline_version_id
 
 
 def latest_version(client, pipeline_id: str) -> str:
@@ -128,10 +151,12 @@ def latest_version(client, pipeline_id: str) -> str:
 
 
 def _pipeline(client, version: str) -> tuple[str, str]:
-    pipeline_id = client.get_pipeline_id(fp.PIPELINE_NAME)
-    if pipeline_id is None:
-        raise ConfigError(f"no pipeline {fp.PIPELINE_NAME} on the server: run `python -m pipelines upload` first")
-    return pipeline_id, version or latest_version(client, pipeline_id)
+    found = find_pipeline(client)
+    if found is None:
+        where = f" in namespace {_namespace(client)}" if _namespace(client) else ""
+        raise ConfigError(f"no pipeline {fp.PIPELINE_NAME} on the server{where}: run `python -m pipelines upload` "
+                          "first")
+    return found, version or latest_version(client, found)
 
 
 def run(client, experiment: str, params: Params, version: str = "", name: str = "", service_account: str = ""):
@@ -156,10 +181,62 @@ def _by_name(client, name: str) -> list:
             return found
 
 
+# The server parses a schedule with github.com/robfig/cron v1 (see check_schedule): six fields, seconds
+# first, or a descriptor. A field is a comma-separated list of `*`, `?`, `N` or `N-M`, each with `/step`.
+CRON_FIELDS = (("second", 0, 59, {}), ("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day of month", 1, 31, {}),
+               ("month", 1, 12, {m: i + 1 for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec"
+                                                                   .split())}),
+               ("day of week", 0, 6, {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())}))
+CRON_DESCRIPTORS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+MAX_CONCURRENCY = (1, 10)  # the server's bounds on a recurring run's max_concurrency
+
+
+def _cron_field(text: str, what: str, low: int, high: int, names: dict) -> None:
+    def number(word: str) -> int:
+        value = names.get(word.lower(), int(word) if word.isdigit() else None)
+        if value is None or not low <= value <= high:
+            raise ValueError(f"{what} '{word}' is not in {low}-{high}")
+        return value
+
+    for part in text.split(","):
+        span, _, step = part.partition("/")
+        if step and (not step.isdigit() or int(step) == 0):
+            raise ValueError(f"{what} step '{step}' is not a positive number")
+        if span in ("*", "?"):
+            continue
+        first, dash, last = span.partition("-")
+        if number(first) > (number(last) if dash else high if step else number(first)):
+            raise ValueError(f"{what} range '{span}' runs backwards")
+
+
+def check_schedule(cron: str, max_concurrency: int) -> None:
+    """Refuse what the KFP server refuses, and a five-field cron, which robfig/cron v1 accepts as
+    seconds-first with any day of the week: `0 3 * * *` would run at minute 3 of every hour."""
+    lo, hi = MAX_CONCURRENCY
+    if not lo <= max_concurrency <= hi:
+        raise ConfigError(f"--max-concurrency {max_concurrency}: the KFP server takes {lo} to {hi}")
+    fields = cron.split()
+    if cron.strip() in CRON_DESCRIPTORS or (fields[:1] == ["@every"] and len(fields) == 2):
+        return
+    if len(fields) == 5:
+        meaning = ", ".join(f"{what} {text}" for text, (what, *_) in zip(fields, CRON_FIELDS))
+        raise ConfigError(f"--cron '{cron}': KFP reads six fields, seconds first, so this is {meaning}"
+                          f"; for the five-field meaning (minute hour day month weekday) write '0 {cron}'")
+    if len(fields) != 6:
+        raise ConfigError(f"--cron '{cron}': expected six fields (second minute hour day-of-month month "
+                          f"day-of-week), e.g. '0 0 3 * * *' for 03:00 every day, or one of {', '.join(CRON_DESCRIPTORS)}")
+    try:
+        for text, (what, low, high, names) in zip(fields, CRON_FIELDS):
+            _cron_field(text, what, low, high, names)
+    except ValueError as err:
+        raise ConfigError(f"--cron '{cron}': {err}") from None
+
+
 def schedule(client, name: str, cron: str, experiment: str, params: Params, version: str = "",
              max_concurrency: int = 1, catchup: bool = False, service_account: str = ""):
     """Create the recurring run `name`, or replace the one of that name (KFP cannot edit one in place).
     Returns (recurring run, whether one was replaced)."""
+    check_schedule(cron, max_concurrency)
     pipeline_id, version_id = _pipeline(client, version)
     old = _by_name(client, name)
     exp = client.create_experiment(experiment, namespace=_namespace(client))

@@ -19,7 +19,8 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
-from components.config import load_params
+from components.config import ConfigError, Params, load_params
+from components.redaction import redact
 from pipelines import image
 from pipelines.dag import Step, producers, steps_for
 
@@ -96,10 +97,11 @@ def fetch_pretrained_op(pretrained: dict, pretrained_uri: str, pretrained_versio
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def finetune_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input[Model], finetune: dict,
-                tracking: dict, pipeline_run_id: str, model: Output[Model], metrics: Output[Metrics],
-                curves: Output[HTML]):
+                tracking: dict, model: Output[Model], metrics: Output[Metrics], curves: Output[HTML]):
     """Fine-tune with frozen layers and early stopping on validation loss, as a live MLflow run: in one
-    process per GPU when the task has several (finetune.devices: auto)."""
+    process per GPU when the task has several (finetune.devices: auto). Checkpoints go to the namespace's
+    claim (mounted at /checkpoints), so a retried pod resumes. No run id among the inputs: Kubeflow's cache key
+    holds every input value, and this task is the one worth reusing; validate links the run."""
     from pathlib import Path
 
     from components import finetune as step
@@ -107,9 +109,12 @@ def finetune_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input
     from components.config import FinetuneConfig, TrackingConfig, parse_section
     from pipelines.views import png_html
 
-    summary = step.run_data_parallel(dataset.path, policy.path, weights.path, model.path,
-                                     parse_section(FinetuneConfig, finetune, "finetune"),
-                                     parse_section(TrackingConfig, tracking, "tracking"), "kfp", pipeline_run_id)
+    cfg = parse_section(FinetuneConfig, finetune, "finetune")
+    if cfg.checkpoint_dir:  # on the claim at CHECKPOINTS, a folder per content: runs of other inputs keep theirs
+        key = step.run_key(dataset.path, policy.path, weights.path, cfg)
+        cfg = cfg.model_copy(update={"checkpoint_dir": f"/checkpoints/{key[:16]}"})
+    summary = step.run_data_parallel(dataset.path, policy.path, weights.path, model.path, cfg,
+                                     parse_section(TrackingConfig, tracking, "tracking"), "kfp", "")
     model.metadata.update({"arch": summary["arch"], "best_epoch": summary["best_epoch"],
                            "mlflow_run_id": summary["run_id"]})
     for key in ("best_epoch", "epochs_run", "best_val_loss", "best_val_accuracy"):
@@ -177,19 +182,36 @@ def _with_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
+NETRC_DIR = "/var/run/secrets/finetune"   # pipeline.credentials_secret, mounted where the netrc is read
+CHECKPOINTS = "/checkpoints"              # pipeline.checkpoint_volume's claim, on the fine-tune
+RUN_AS = 10001                            # the image's user (infra/Dockerfile)
+
+
+def retry_window_s(settings, backoff_s: int) -> int:
+    """Argo measures a retry strategy's backoff.maxDuration from the first attempt's start, not per wait
+    (argo-workflows v4.0.5, workflow/controller/operator.go:1028-1040): the window must hold every
+    attempt at its timeout and every wait between them, or the last retries are never made."""
+    return (settings.retries + 1) * settings.timeout_s + sum(backoff_s * 2 ** i for i in range(settings.retries))
+
+
 def _configure(task: dsl.PipelineTask, step: Step, pipeline) -> None:
     """Name, caching and credentials from the declaration; size, timeout, retries and GPU scheduling
-    from params.yaml's `pipeline` section."""
+    from params.yaml's `pipeline` section; the restricted profile's identity on every pod."""
     task.set_display_name(step.name).set_caching_options(step.cache)
+    kubernetes.set_security_context(task, run_as_user=RUN_AS, run_as_group=RUN_AS, run_as_non_root=True)
     if step.credentials:
         _with_credentials(task)
+        # logins for https weights and git repositories: a netrc file from an optional Secret (requests and
+        # components/storage/sources.git_url read $NETRC), never a parameter
+        kubernetes.use_secret_as_volume(task, pipeline.credentials_secret, NETRC_DIR, optional=True)
+        task.set_env_variable("NETRC", f"{NETRC_DIR}/netrc")
     settings = pipeline.tasks[step.name]
     task.set_cpu_request(settings.cpu).set_cpu_limit(settings.cpu)
     task.set_memory_request(settings.memory).set_memory_limit(settings.memory)
     kubernetes.set_timeout(task, settings.timeout_s)
     if settings.retries:
         task.set_retry(settings.retries, backoff_duration=f"{pipeline.retry_backoff_s}s", backoff_factor=2,
-                       backoff_max_duration="1800s")
+                       backoff_max_duration=f"{retry_window_s(settings, pipeline.retry_backoff_s)}s")
     if step.gpu and pipeline.finetune_gpus:
         task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(pipeline.finetune_gpus)
         for label, value in pipeline.gpu_node_selector.items():
@@ -200,6 +222,15 @@ def _configure(task: dsl.PipelineTask, step: Step, pipeline) -> None:
         kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory")  # nosec B108 - a pod's mount point
 
 
+def _checkpoint_claim(task: dsl.PipelineTask, pipeline) -> None:
+    """The namespace's checkpoint claim (infra/k8s/pipeline/checkpoint-claim.yaml), mounted at CHECKPOINTS. Argo
+    retries a failed task in a new pod, which finds the last epoch there and resumes. One claim by name, not one
+    per run (kfp-kubernetes' CreatePVC): the driver puts the mounted claims' names into the cache key
+    (kubeflow/pipelines 2.17.0, backend/src/v2/driver/container.go:152-163), so a per-run name would retrain
+    every run."""
+    kubernetes.mount_pvc(task, pvc_name=pipeline.checkpoint_volume.claim, mount_path=CHECKPOINTS)
+
+
 def pipeline_parameters(params=PARAMS) -> dict[str, object]:
     """Every pipeline parameter with its default: the components' non-artifact arguments, in order."""
     values = {"data_source": params.data.source, "data_repo": params.data.repo, "data_rev": params.data.rev,
@@ -208,6 +239,30 @@ def pipeline_parameters(params=PARAMS) -> dict[str, object]:
     names = [name for step in steps_for("kubeflow", demo=False) for name in OPS[step.name].component_spec.inputs
              if name not in made and name != RUN_ID]
     return {name: values[name] for name in dict.fromkeys(names)}
+
+
+def no_credentials(params: Params) -> Params:
+    """`params`, unless a pipeline parameter would carry a credential, which the Kubeflow UI, the run's API
+    object and every pod's arguments show to anyone who can see the run. Tokens for https
+    weights and git repositories come from the Secret pipeline.credentials_secret instead (README)."""
+    def walk(prefix: str, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from walk(f"{prefix}.{key}" if prefix else key, item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from walk(prefix, item)
+        elif isinstance(value, str):
+            yield prefix, value
+
+    for key, value in walk("", pipeline_parameters(params)):
+        key = key.replace("data_", "data.", 1) if key.startswith("data_") else key  # the setting's own name
+        if redact(value) != value:
+            raise ConfigError(f"{key}: '{redact(value)}' carries a credential (user information or a token in the "
+                              "URI), which would become a pipeline parameter anyone with access to Kubeflow can "
+                              f"read: remove it and put it in the Secret {params.pipeline.credentials_secret} "
+                              "as a netrc entry (README, \"Run on a cluster\")")
+    return params
 
 
 def make_pipeline(params=PARAMS):
@@ -226,6 +281,8 @@ def make_pipeline(params=PARAMS):
             else:
                 task = op(**kwargs)
             _configure(task, step, params.pipeline)
+            if step.name == "finetune" and params.finetune.checkpoint_dir:
+                _checkpoint_claim(task, params.pipeline)
             tasks[step.name] = task
 
     build.__name__ = "finetune_pipeline"

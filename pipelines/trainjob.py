@@ -28,6 +28,9 @@ WORK = "/work"
 CLAIM = "finetune-work"           # infra/k8s/trainjob/work-claim.yaml
 RUNTIME = "torch-distributed"     # the ClusterTrainingRuntime Kubeflow Trainer ships for PyTorch
 NODE = "node"                     # its replicated job and container
+# Who owns our runtime patch. Trainer's webhook takes only a domain-prefixed path (kubeflow/trainer v2.3.0,
+# pkg/runtime/framework/plugins/jobset/jobset.go:176, apimachinery's IsDomainPrefixedPath)
+MANAGER = "finetune-pipeline.github.io/trainjob"
 # dvc.yaml's finetune command, run from the work folder by torchrun on every node
 COMMAND = ("cd /work && exec torchrun --module components.finetune --params params.yaml --dataset data/prepared "
            "--policy artifacts/augment --weights artifacts/pretrained --out artifacts/model")
@@ -74,7 +77,7 @@ def manifest(params, nodes: int = 2, name: str = "finetune", claim: str = CLAIM)
                 "resourcesPerNode": {"requests": dict(limits), "limits": dict(limits)},
                 "env": env,
             },
-            "runtimePatches": [{"manager": "finetune-pipeline", "trainingRuntimeSpec": {"template": {"spec": {
+            "runtimePatches": [{"manager": MANAGER, "trainingRuntimeSpec": {"template": {"spec": {
                 "replicatedJobs": [{"name": NODE, "template": {"spec": {"template": {"spec": pod}}}}]}}}}],
         },
     }

@@ -116,3 +116,21 @@ def test_an_s3_dataset_is_a_manifest_of_references_and_steps_fetch_only_what_the
     s3_env["client"].put_object(Bucket="data", Key=f"refs/{victim['path']}", Body=b"not the same image")
     with pytest.raises(DatasetError, match=f"s3://data/refs/{victim['path']} changed after the data step read it"):
         dataset.images(tmp_path / "ds", "val")
+
+
+def test_a_git_repositorys_login_comes_from_netrc_not_from_data_repo(tmp_path, monkeypatch):
+    """On a cluster the token is a Secret mounted as a netrc file ($NETRC, pipelines/finetune_pipeline.py):
+    DVC's git client gets it in the URL it clones; data.repo, a pipeline parameter, never holds it."""
+    from components.storage.sources import git_url
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine git.example.com login oauth2 password t0k:en/x\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert git_url("https://git.example.com/team/images.git") == \
+        "https://oauth2:t0k%3Aen%2Fx@git.example.com/team/images.git"
+    assert git_url("https://other.example.com/images.git") == "https://other.example.com/images.git"
+    assert git_url("https://me:mine@git.example.com/x.git") == "https://me:mine@git.example.com/x.git"
+    assert git_url("/srv/git/images") == "/srv/git/images"
+    monkeypatch.setenv("NETRC", str(tmp_path / "missing"))  # an optional Secret that is not there
+    assert git_url("https://git.example.com/team/images.git") == "https://git.example.com/team/images.git"

@@ -204,8 +204,14 @@ def test_the_mlflow_server_as_deployed_answers_in_cluster_names_and_asks_for_a_p
               "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-pw-0123456789", "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-0123",
               "MLFLOW_S3_ENDPOINT_URL": s3_env["endpoint"],
               **{key: s3_env[key] for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}}
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **secret,
-           **{e["name"]: e["value"] for e in container["env"]}}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **secret, **_env(container, docs)}
+    assert env["INGRESS_HOST"] == "mlflow.example.com"  # the dev overlay's parameter
+    # MLflow refuses an admin password under 12 characters (mlflow 3.17, mlflow/utils/validation.py:859-861):
+    # the manifest says so in one line instead of a server that never starts
+    short = subprocess.run([*container["command"], script], env={**env, "MLFLOW_AUTH_ADMIN_PASSWORD": "short-pw"},
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert short.returncode == 1 and short.stderr.strip().count("\n") == 0, short.stderr
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD has 8 characters; MLflow needs at least 12" in short.stderr
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen([*container["command"], script], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, cwd=tmp_path)
@@ -223,10 +229,14 @@ def test_the_mlflow_server_as_deployed_answers_in_cluster_names_and_asks_for_a_p
         assert _request(search, cluster, admin) == 200               # the in-cluster name is allowed
         assert _request(search, "mlflow.mlflow:5000", admin) == 200
         assert _request(search, "attacker.example:5000", admin) == 403  # DNS rebinding: refused
+        assert _request(search, "mlflow.example.com", admin) == 200     # the overlay's ingress host
         # The set-up Job makes the pipeline's user, with the manifest's own script.
         job = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["name"] == "mlflow-pipeline-user")
         job_container = job["spec"]["template"]["spec"]["containers"][0]
         user = {"MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": "pipeline-pw-0123456789"}
+        short = subprocess.run([sys.executable, *container_args(job_container)], capture_output=True, text=True,
+                               env={**env, **user, "MLFLOW_TRACKING_PASSWORD": "short-pw", "MLFLOW_SERVER": base})
+        assert short.returncode == 1 and "MLFLOW_TRACKING_PASSWORD needs at least 12 characters" in short.stderr
         for _ in range(2):  # safe to re-run
             subprocess.run([sys.executable, *container_args(job_container)], check=True, capture_output=True,
                            env={**env, **user, "MLFLOW_SERVER": base})
@@ -244,6 +254,48 @@ def test_the_mlflow_server_as_deployed_answers_in_cluster_names_and_asks_for_a_p
     finally:
         stop(proc.pid)
         log.close()
+
+
+def _env(container: dict, docs: list[dict]) -> dict[str, str]:
+    """The container's env as the kubelet makes it: values, and ConfigMap keys from the built overlay."""
+    maps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    return {e["name"]: e["value"] if "value" in e else maps[e["valueFrom"]["configMapKeyRef"]["name"]][
+        e["valueFrom"]["configMapKeyRef"]["key"]] for e in container["env"] if "value" in e or "configMapKeyRef" in
+        e.get("valueFrom", {})}
+
+
+def test_mlflow_is_reached_from_the_pipelines_namespace_only_and_leaves_its_own_by_dns_and_s3_only():
+    for overlay in OVERLAYS:
+        docs = _kustomize(overlay)
+        pipeline_ns = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mlflow")[
+            "metadata"]["namespace"]
+        policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+        assert set(policies["default-deny"]["policyTypes"]) == {"Ingress", "Egress"}
+        assert policies["default-deny"]["podSelector"] == {}
+        sources = policies["mlflow-server"]["ingress"][0]["from"]
+        namespaces = [s["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for s in sources
+                      if "namespaceSelector" in s]
+        assert namespaces == [pipeline_ns, "ingress-nginx"], overlay.name
+        ports = {p["port"] for rule in policies["mlflow-server"]["egress"] for p in rule["ports"]}
+        assert ports == {5432, 8333, 443}
+
+
+def test_the_bucket_job_gets_the_s3_keys_and_nothing_else_of_the_servers_secret():
+    docs = _kustomize(K8S / "overlays" / "dev")
+    job = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["name"] == "mlflow-bucket")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert "envFrom" not in container
+    assert {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]} == {
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"}
+
+
+def test_the_checkpoint_claim_is_the_one_params_yaml_names(params):
+    volume = params.pipeline.checkpoint_volume
+    for overlay in OVERLAYS:
+        claims = {d["metadata"]["name"]: d for d in _kustomize(overlay) if d["kind"] == "PersistentVolumeClaim"}
+        claim = claims[volume.claim]
+        assert claim["spec"]["resources"]["requests"]["storage"] == volume.size
+        assert claim["spec"].get("storageClassName", "") == volume.storage_class
 
 
 def container_args(container: dict) -> list[str]:

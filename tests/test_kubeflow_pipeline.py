@@ -147,8 +147,11 @@ def test_every_task_is_sized_timed_out_and_retried_as_params_yaml_says(spec, par
         assert platform[f"exec-{name}-op"]["activeDeadlineSeconds"] == str(wanted.timeout_s), step.name
         retry = tasks[f"{name}-op"].get("retryPolicy")
         if wanted.retries:
+            from pipelines.finetune_pipeline import retry_window_s
+
+            window = retry_window_s(wanted, params.pipeline.retry_backoff_s)
             assert retry == {"maxRetryCount": wanted.retries, "backoffDuration": f"{params.pipeline.retry_backoff_s}s",
-                             "backoffFactor": 2.0, "backoffMaxDuration": "1800s"}, step.name
+                             "backoffFactor": 2.0, "backoffMaxDuration": f"{window}s"}, step.name
         else:
             assert retry is None, step.name
         assert "accelerator" not in resources  # finetune_gpus: 0 in params.yaml

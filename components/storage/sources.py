@@ -25,6 +25,28 @@ def safe_join(root: Path, relative: str, what: str) -> Path:
     return root.joinpath(*parts)
 
 
+def git_url(repo: str) -> str:
+    """`repo` with the login that netrc (`$NETRC`, else ~/.netrc) holds for its host, for an https:// repository
+    given without one: on a cluster the token comes from a Secret mounted as a netrc file, never from
+    data.repo, which every pipeline parameter shows. requests reads netrc itself (https weights); DVC's git
+    client does not."""
+    import netrc
+    import os
+    from urllib.parse import quote, urlsplit
+
+    parts = urlsplit(repo)
+    if parts.scheme != "https" or "@" in parts.netloc or not parts.hostname:
+        return repo
+    try:
+        login = netrc.netrc(os.environ.get("NETRC") or None).authenticators(parts.hostname)
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):  # no netrc: no login, as git without one
+        return repo
+    if not login:
+        return repo
+    user, _, password = login
+    return parts._replace(netloc=f"{quote(user or '', safe='')}:{quote(password or '', safe='')}@{parts.netloc}").geturl()
+
+
 def describe(cfg: DataConfig) -> str:
     """The source as MLflow records it: repo@rev:path, an S3 URI, or a local path."""
     if cfg.repo:
@@ -40,10 +62,10 @@ def pin(cfg: DataConfig) -> str:
         from dvc.api import DVCFileSystem
 
         try:
-            return "git:" + DVCFileSystem(cfg.repo, rev=cfg.rev or None).repo.get_rev()
+            return "git:" + DVCFileSystem(git_url(cfg.repo), rev=cfg.rev or None).repo.get_rev()
         except Exception as err:  # scmrepo and dulwich raise many kinds; the message names the source
             raise SourceError(f"data.repo/data.rev: cannot resolve {describe(cfg)}: {type(err).__name__}: "
-                              f"{str(err).replace(cfg.repo, redact(cfg.repo))}") from None
+                              f"{redact(str(err).replace(cfg.repo, redact(cfg.repo)))}") from None
     if cfg.source.startswith("s3://"):
         return _listing_version(_s3_listing(cfg.source))
     _check_scheme(cfg.source)
@@ -90,7 +112,7 @@ def _from_dvc(cfg: DataConfig, staging: Path) -> tuple[Path, str | None]:
 
     where = describe(cfg)
     try:
-        fs = DVCFileSystem(cfg.repo, rev=cfg.rev or None)
+        fs = DVCFileSystem(git_url(cfg.repo), rev=cfg.rev or None)
         info = fs.info(cfg.source)
         if info.get("type") != "directory":
             raise SourceError(f"data.source: {where} is not a directory")
@@ -99,7 +121,7 @@ def _from_dvc(cfg: DataConfig, staging: Path) -> tuple[Path, str | None]:
         raise
     except Exception as err:  # DVC and scmrepo raise many kinds; the message names the source either way
         raise SourceError(f"data.repo/data.rev/data.source: cannot read {where}: {type(err).__name__}: "
-                          f"{str(err).replace(cfg.repo, redact(cfg.repo))}") from None
+                          f"{redact(str(err).replace(cfg.repo, redact(cfg.repo)))}") from None
     dvc_hash = (info.get("dvc_info") or {}).get("md5") or info.get("md5")
     return staging, dvc_hash
 

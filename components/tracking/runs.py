@@ -108,7 +108,7 @@ def lineage_tags(inputs: TrainingInputs, params: dict[str, str], runner: str, pi
     }
     if "git_commit" in tags:
         tags["mlflow.source.git.commit"] = tags["git_commit"]
-    if runner == "kfp":
+    if runner == "kfp" and pipeline_run_id:  # the fine-tune task has none (cached across runs): validate links it
         tags["kfp_run_id"] = pipeline_run_id
     for env, tag in (("DVC_EXP_NAME", "dvc_experiment"), ("DVC_EXP_BASELINE_REV", "dvc_baseline_rev")):
         if os.environ.get(env):

@@ -64,8 +64,8 @@ def record_validation(inputs: TrainingInputs, model: Model, metrics: dict, gate:
     the record register registers from."""
     mlflow_client = client()
     exp = experiment_id(mlflow_client, cfg.experiment)
-    run_id = _run_to_continue(mlflow_client, model, exp) or _replay_training(
-        mlflow_client, exp, inputs, model, runner, pipeline_run_id)
+    continued = _run_to_continue(mlflow_client, model, exp)
+    run_id = continued or _replay_training(mlflow_client, exp, inputs, model, runner, pipeline_run_id)
     test_metrics = {"test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
                     "test_min_class_recall": metrics["min_class_recall"], "test_ece": metrics["ece"],
                     **{f"test_recall_{c}": r for c, r in metrics["per_class_recall"].items()}}
@@ -79,7 +79,14 @@ def record_validation(inputs: TrainingInputs, model: Model, metrics: dict, gate:
         for path in report_files:
             mlflow.log_artifact(str(path), artifact_path="validate")
         info = log_model()
-        mlflow.set_tags({"validated": "true", "gate_passed": str(gate["passed"]).lower(),
-                         "validation_pipeline_run_id": pipeline_run_id})
-    return RunRecord(run.info.run_id, run.info.run_name, redact(tracking_uri()), run.info.experiment_id,
-                     info.model_uri)
+        tags = {"validated": "true", "gate_passed": str(gate["passed"]).lower(),
+                "validation_pipeline_run_id": pipeline_run_id}
+        if continued and pipeline_run_id and not run.data.tags.get("pipeline_run_id"):
+            # Kubeflow's fine-tune task takes no run id (its cache key would change every run): the run it
+            # belongs to is the one validating it, and its name gets that run's short id first, as others have
+            tags.update(pipeline_run_id=pipeline_run_id, **({"kfp_run_id": pipeline_run_id} if runner == "kfp" else {}))
+            if run.info.run_name.startswith(" · "):
+                tags["mlflow.runName"] = pipeline_run_id[-8:] + run.info.run_name
+        mlflow.set_tags(tags)
+    return RunRecord(run.info.run_id, tags.get("mlflow.runName", run.info.run_name), redact(tracking_uri()),
+                     run.info.experiment_id, info.model_uri)
