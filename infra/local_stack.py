@@ -56,8 +56,10 @@ def ensure_keys(path: Path) -> dict[str, str]:
     return values
 
 
-def start_seaweedfs(home: Path, ports: dict[str, int], keys: dict[str, str], buckets=BUCKETS) -> subprocess.Popen:
-    """`weed mini` on 127.0.0.1 with every port given, enforcing `keys`; returns once S3 answers."""
+def start_seaweedfs(home: Path, ports: dict[str, int], keys: dict[str, str], buckets=BUCKETS,
+                    s3_config: Path | None = None) -> subprocess.Popen:
+    """`weed mini` on 127.0.0.1 with every port given, enforcing `keys` (or the identities of `s3_config`, where
+    `keys` is one of them); returns once S3 answers and holds `buckets`."""
     import boto3
 
     (home / "data").mkdir(parents=True, exist_ok=True)
@@ -65,15 +67,17 @@ def start_seaweedfs(home: Path, ports: dict[str, int], keys: dict[str, str], buc
     log = open(home / "weed.log", "a")
     proc = subprocess.Popen(
         [str(BIN / "weed"), f"-logdir={home / 'logs'}", "mini", f"-dir={home / 'data'}", "-ip=127.0.0.1",
-         "-ip.bind=127.0.0.1", f"-bucket={','.join(buckets)}", *(f"-{n}={p}" for n, p in ports.items())],
-        env={**os.environ, **keys}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
+         "-ip.bind=127.0.0.1", *([f"-bucket={','.join(buckets)}"] if buckets else []),
+         *([f"-s3.config={s3_config}"] if s3_config else []), *(f"-{n}={p}" for n, p in ports.items())],
+        env={**os.environ, **({} if s3_config else keys)}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
     client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{ports['s3.port']}", region_name="us-east-1",
                           aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
                           aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])
     deadline = time.time() + 90
     while True:
         try:
-            for bucket in buckets:
+            client.list_buckets()
+            for bucket in () if s3_config else buckets:  # `keys` may not be allowed to see them all
                 client.head_bucket(Bucket=bucket)
             return proc
         except Exception:

@@ -41,6 +41,9 @@ def _defaults(section) -> dict:
 def resolve_op(data_source: str, data_repo: str, data_rev: str, data: dict, pretrained: dict) -> NamedTuple(
         "Resolved", data_version=str, pretrained_uri=str, pretrained_version=str):
     """Pin the dataset source and the pretrained URI to what they hold now (never cached)."""
+    from components.storage.s3_env import adopt
+
+    adopt()  # the task's S3 settings, under their usual names in this process only
     from components.config import DataConfig, PretrainedConfig, parse_section
     from components.resolve import resolve
 
@@ -55,6 +58,9 @@ def data_op(data_source: str, data_repo: str, data_rev: str, data_version: str, 
             dataset: Output[Dataset], report: Output[Markdown]):
     """Fetch `data_version` of the source (a folder, s3://, or a DVC-tracked path of `repo`; for
     DVC, the commit `rev` pointed at when the run started), validate and split the dataset."""
+    from components.storage.s3_env import adopt
+
+    adopt()  # the task's S3 settings, under their usual names in this process only
     from pathlib import Path
 
     from components.config import DataConfig, parse_section
@@ -72,6 +78,9 @@ def data_op(data_source: str, data_repo: str, data_rev: str, data_version: str, 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def augment_op(dataset: Input[Dataset], augment: dict, policy: Output[Artifact], preview: Output[HTML]):
     """Build the augmentation policy and its preview grid."""
+    from components.storage.s3_env import adopt
+
+    adopt()  # the task's S3 settings, under their usual names in this process only
     from pathlib import Path
 
     from components.artifacts import policy as policy_artifact
@@ -87,6 +96,9 @@ def augment_op(dataset: Input[Dataset], augment: dict, policy: Output[Artifact],
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def fetch_pretrained_op(pretrained: dict, pretrained_uri: str, pretrained_version: str, weights: Output[Model]):
     """Fetch `pretrained_uri` (immutable, from resolve), checksum and safely load the weights."""
+    from components.storage.s3_env import adopt
+
+    adopt()  # the task's S3 settings, under their usual names in this process only
     from components.config import PretrainedConfig, parse_section
     from components.fetch_pretrained import fetch
 
@@ -102,6 +114,10 @@ def finetune_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input
     process per GPU when the task has several (finetune.devices: auto). Checkpoints go to the namespace's
     claim (mounted at /checkpoints), so a retried pod resumes. No run id among the inputs: Kubeflow's cache key
     holds every input value, and this task is the one worth reusing; validate links the run."""
+    from components.storage.s3_env import adopt
+
+    adopt()  # the task's S3 settings, under their usual names in this process only
+    import os
     from pathlib import Path
 
     from components import finetune as step
@@ -110,7 +126,9 @@ def finetune_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input
     from pipelines.views import png_html
 
     cfg = parse_section(FinetuneConfig, finetune, "finetune")
-    if cfg.checkpoint_dir:  # on the claim at CHECKPOINTS, a folder per content: runs of other inputs keep theirs
+    # on the cluster, on the claim mounted at CHECKPOINTS, a folder per content (runs of other inputs keep
+    # theirs); elsewhere (kfp.local) where finetune.checkpoint_dir says
+    if cfg.checkpoint_dir and os.path.ismount("/checkpoints"):
         key = step.run_key(dataset.path, policy.path, weights.path, cfg)
         cfg = cfg.model_copy(update={"checkpoint_dir": f"/checkpoints/{key[:16]}"})
     summary = step.run_data_parallel(dataset.path, policy.path, weights.path, model.path, cfg,
@@ -129,6 +147,9 @@ def validate_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input
                 decision: Output[Markdown], report: Output[HTML]) -> bool:
     """Test-split metrics and the gate against thresholds and the champion; completes the MLflow run.
     Returns whether the gate passed."""
+    from components.storage.s3_env import adopt
+
+    adopt()  # the task's S3 settings, under their usual names in this process only
     from pathlib import Path
 
     from components import validate as step
@@ -153,6 +174,9 @@ def validate_op(dataset: Input[Dataset], policy: Input[Artifact], weights: Input
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def register_op(reports: Input[Artifact], register: dict, registration: Output[Artifact]) -> int:
     """Register the validated model and point the alias at it. Returns the version (0: none)."""
+    from components.storage.s3_env import adopt
+
+    adopt()  # the task's S3 settings, under their usual names in this process only
     from components.config import RegisterConfig, parse_section
     from components.register import register as register_model
 
@@ -173,12 +197,17 @@ SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCE
                "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 
 
+# ... and the variable each becomes in a task: AWS_* under another name, since KFP's launcher in the same
+# container reads AWS_* for its own uploads (components/storage/s3_env.py gives them back their names)
+TASK_ENV = {key: f"FINETUNE_{key}" if key.startswith("AWS_") else key for key in SECRET_KEYS}
+
+
 def _with_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
     """MLflow's address from a ConfigMap; MLflow's, S3's and the DVC remote's credentials from a
     Secret. Never pipeline parameters, which the Kubeflow UI shows to anyone."""
     kubernetes.use_config_map_as_env(task, PARAMS.pipeline.mlflow_config_map,
                                      {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
-    kubernetes.use_secret_as_env(task, PARAMS.pipeline.mlflow_secret, {key: key for key in SECRET_KEYS}, optional=True)
+    kubernetes.use_secret_as_env(task, PARAMS.pipeline.mlflow_secret, TASK_ENV, optional=True)
     return task
 
 

@@ -49,9 +49,8 @@ def test_upload_adds_versions_of_one_pipeline_with_your_values_as_defaults(kfp_s
     assert defaults["finetune"]["defaultValue"]["lr"] == 0.02
     from pipelines.finetune_pipeline import IMAGE
 
-    stubs = {"argostub/createpvc", "argostub/deletepvc"}  # the checkpoint claim's tasks, run by KFP's driver
-    assert {e["container"]["image"] for e in first["deploymentSpec"]["executors"].values()} == {IMAGE, *stubs}
-    assert {e["container"]["image"] for e in second["deploymentSpec"]["executors"].values()} == {digest, *stubs}
+    assert {e["container"]["image"] for e in first["deploymentSpec"]["executors"].values()} == {IMAGE}
+    assert {e["container"]["image"] for e in second["deploymentSpec"]["executors"].values()} == {digest}
     assert _posts(state, "upload_version")[0]["query"]["name"] == "v2"
     assert all(r["authorization"] == "Bearer kfp-token-s3cr3t" for r in state.requests)
     assert "kfp-token-s3cr3t" not in capsys.readouterr().out

@@ -329,3 +329,114 @@ def test_the_system_packages_step_names_what_to_install_in_one_line_when_it_cann
     assert proc.stderr.splitlines() == [
         "setup: the tests need Debian packages that are missing; install them, then run again: "
         "sudo apt-get install -y chromium npm podman runc debootstrap"]
+
+
+@pytest.mark.e2e
+def test_the_database_set_up_makes_mlflow_an_owner_without_superuser_rights(tmp_path):
+    """The manifest's own init script against a real PostgreSQL (Debian's) on loopback: the role mlflow owns
+    MLflow's two databases and can create its tables there, and cannot create roles or databases, or connect
+    to the superuser's database (the official image runs the script as POSTGRES_USER, the superuser)."""
+    import glob
+    import shutil
+    import tempfile
+    import time
+
+    from local_stack import stop
+
+    docs = _kustomize(K8S / "overlays" / "dev")
+    init = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mlflow-postgres-init")
+    server = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "mlflow-postgres")
+    env_names = {e["name"]: e.get("value") for e in server["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env_names["POSTGRES_USER"] == "postgres" and "MLFLOW_DB_PASSWORD" in env_names
+    (pg_bin,) = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1:]
+    as_postgres = ["setpriv", "--reuid=postgres", "--regid=postgres", "--clear-groups"] if os.geteuid() == 0 else []
+    home = Path(tempfile.mkdtemp(prefix="pg-"))  # /tmp: the postgres user must reach it
+    home.chmod(0o755)
+    data, run = home / "data", home / "run"
+    run.mkdir()
+    (home / "pw").write_text("admin-pw-0123456789\n")
+    if as_postgres:
+        shutil.chown(home, "postgres", "postgres")
+        shutil.chown(run, "postgres", "postgres")
+        shutil.chown(home / "pw", "postgres", "postgres")
+    subprocess.run([*as_postgres, f"{pg_bin}/initdb", "-D", str(data), "-U", "postgres", f"--pwfile={home / 'pw'}",
+                    "-A", "scram-sha-256"], check=True, capture_output=True)
+    port = free_port()
+    proc = subprocess.Popen([*as_postgres, f"{pg_bin}/postgres", "-D", str(data), "-p", str(port), "-k", str(run),
+                             "-c", "listen_addresses=127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    base = {**os.environ, "PATH": f"{pg_bin}:{os.environ['PATH']}", "PGHOST": "127.0.0.1", "PGPORT": str(port)}
+
+    def psql(user, password, db, sql):
+        return subprocess.run(["psql", "-v", "ON_ERROR_STOP=1", "-At", "-U", user, "-d", db, "-c", sql],
+                              env={**base, "PGPASSWORD": password}, capture_output=True, text=True)
+
+    try:
+        deadline = time.time() + 60
+        while psql("postgres", "admin-pw-0123456789", "postgres", "select 1").returncode != 0:
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.3)
+        done = subprocess.run(["sh", "-c", init["data"]["init.sh"]], capture_output=True, text=True,
+                              env={**base, "POSTGRES_USER": "postgres", "PGPASSWORD": "admin-pw-0123456789",
+                                   "MLFLOW_DB_PASSWORD": "mlflow-db-pw-0123"})
+        assert done.returncode == 0, done.stderr
+        role = psql("postgres", "admin-pw-0123456789", "postgres",
+                    "select rolsuper, rolcreatedb, rolcreaterole, rolreplication from pg_roles where rolname='mlflow'")
+        assert role.stdout.strip() == "f|f|f|f"
+        for db in ("mlflow", "mlflow_auth"):
+            assert psql("mlflow", "mlflow-db-pw-0123", db, "create table t (x int); drop table t").returncode == 0, db
+        assert "permission denied" in psql("mlflow", "mlflow-db-pw-0123", "mlflow", "create role intruder").stderr
+        assert "permission denied" in psql("mlflow", "mlflow-db-pw-0123", "mlflow", "create database other").stderr
+        assert "permission denied" in psql("mlflow", "mlflow-db-pw-0123", "postgres", "select 1").stderr
+    finally:
+        stop(proc.pid)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.e2e
+def test_mlflows_s3_identity_reaches_its_own_bucket_and_nothing_else(tmp_path):
+    """The dev overlay's identity file (envsubst's $NAME substitution, as the README makes the Secret) in a real
+    SeaweedFS: the bucket Job's own script creates the bucket `mlflow` with MLflow's key, which then writes and
+    reads there, and may neither create another bucket nor read one it was not given."""
+    import string
+
+    import boto3
+    from botocore.exceptions import ClientError
+    from local_stack import SEAWEED_PORTS, start_seaweedfs, stop
+
+    keys = {"AWS_ACCESS_KEY_ID": "mlflow-key", "AWS_SECRET_ACCESS_KEY": "mlflow-secret-0123456789"}
+    template = (K8S / "overlays" / "dev" / "s3-identities.json").read_text()
+    config = tmp_path / "s3.json"
+    config.write_text(string.Template(template).substitute(MLFLOW_S3_KEY=keys["AWS_ACCESS_KEY_ID"],
+                                                           MLFLOW_S3_SECRET=keys["AWS_SECRET_ACCESS_KEY"]))
+    assert [i["name"] for i in json.loads(config.read_text())["identities"]] == ["mlflow"]
+    ports = {name: free_port() for name in SEAWEED_PORTS}
+    proc = start_seaweedfs(tmp_path, ports, keys, buckets=("data",), s3_config=config)  # data: someone else's
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    try:
+        docs = _kustomize(K8S / "overlays" / "dev")
+        job = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["name"] == "mlflow-bucket")
+        done = subprocess.run([sys.executable, *container_args(job["spec"]["template"]["spec"]["containers"][0])],
+                              env={**os.environ, **keys, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION":
+                                   "us-east-1"}, capture_output=True, text=True)
+        assert done.returncode == 0 and "bucket mlflow ready" in done.stdout, done.stderr
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])
+        s3.put_object(Bucket="mlflow", Key="artifacts/1/model.pt", Body=b"weights")
+        assert s3.get_object(Bucket="mlflow", Key="artifacts/1/model.pt")["Body"].read() == b"weights"
+        with pytest.raises(ClientError, match="AccessDenied"):
+            s3.create_bucket(Bucket="zoo")
+        import time
+
+        deadline = time.time() + 30
+        while True:  # `data` exists once the filer made it: then MLflow's key is refused, not told it is missing
+            with pytest.raises(ClientError) as refused:
+                s3.list_objects_v2(Bucket="data")
+            if refused.value.response["Error"]["Code"] != "NoSuchBucket" or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        assert refused.value.response["Error"]["Code"] == "AccessDenied"
+        with pytest.raises(ClientError, match="AccessDenied"):
+            s3.put_object(Bucket="data", Key="x", Body=b"x")
+    finally:
+        stop(proc.pid)

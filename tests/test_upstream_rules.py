@@ -364,3 +364,32 @@ def test_the_port_refuses_what_the_webhook_refuses(change, error):
 def _node(job: dict) -> dict:
     rjob = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     return rjob["template"]["spec"]["template"]["spec"]["containers"][0]
+
+
+# ---- the task pods -------------------------------------------------------------------------------------
+
+def _platform(spec) -> dict:
+    return spec[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_no_task_sets_a_variable_kfps_launcher_reads_for_its_own_uploads(spec):
+    """The launcher is the task's parent process in the same container and opens its artifact store with the
+    container's AWS_* when kfp-launcher's providers say fromEnv (kubeflow/pipelines 2.17.0,
+    backend/src/v2/config/s3.go:87-95) and through the AWS SDK's default configuration otherwise
+    (backend/src/v2/objectstore/object_store.go:318-330, where AWS_ENDPOINT_URL is read): our S3 settings
+    arrive as FINETUNE_AWS_* (components/storage/s3_env.py)."""
+    for name, executor in _platform(spec).items():
+        env = [e["envVar"] for s in executor.get("secretAsEnv", []) for e in s["keyToEnv"]]
+        env += [e["envVar"] for c in executor.get("configMapAsEnv", []) for e in c["keyToEnv"]]
+        assert not [v for v in env if v.startswith("AWS_")], name
+    containers = spec[0]["deploymentSpec"]["executors"].values()
+    assert not [e for c in containers for e in c["container"].get("env", []) if e["name"].startswith("AWS_")]
+
+
+def test_every_task_pod_runs_as_the_images_non_root_user(spec):
+    """kfp-kubernetes' set_security_context, which the driver applies to the task's container
+    (backend/src/v2/driver/k8s.go:749-786; the compiler adds no privilege escalation, drop ALL and
+    RuntimeDefault: backend/src/v2/compiler/argocompiler/security_context.go:163-198)."""
+    for name, executor in _platform(spec).items():
+        assert executor.get("securityContext") == {"runAsUser": "10001", "runAsGroup": "10001",
+                                                   "runAsNonRoot": True}, name
