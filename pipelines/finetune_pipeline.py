@@ -228,6 +228,8 @@ def _configure(task: dsl.PipelineTask, step: Step, pipeline) -> None:
     from params.yaml's `pipeline` section; the restricted profile's identity on every pod."""
     task.set_display_name(step.name).set_caching_options(step.cache)
     kubernetes.set_security_context(task, run_as_user=RUN_AS, run_as_group=RUN_AS, run_as_non_root=True)
+    # what the pipeline namespace's NetworkPolicy selects (infra/k8s/pipeline/network-policy.yaml)
+    kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "finetune-pipeline")
     if step.credentials:
         _with_credentials(task)
         # logins for https weights and git repositories: a netrc file from an optional Secret (requests and

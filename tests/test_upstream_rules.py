@@ -393,3 +393,28 @@ def test_every_task_pod_runs_as_the_images_non_root_user(spec):
     for name, executor in _platform(spec).items():
         assert executor.get("securityContext") == {"runAsUser": "10001", "runAsGroup": "10001",
                                                    "runAsNonRoot": True}, name
+
+
+# (what, port, where): the endpoints a task pod reaches with KFP 2.17.0's defaults, besides DNS
+TASK_ENDPOINTS = [
+    ("KFP API server's gRPC: the launcher writes the cache entry", 8887,
+     "backend/src/v2/config/env.go:48,195-200; backend/src/v2/cacheutils/cache.go:140-149"),
+    ("ML Metadata", 8080, "backend/src/v2/metadata/env.go:14-19"),
+    ("the artifact store", 9000, "backend/src/v2/objectstore/config.go:29"),
+    ("the Kubernetes API: Argo's executor reports task results", 443, "argo-workflows v4.0.5"),
+]
+
+
+def test_the_pipeline_namespaces_policy_selects_every_task_pod_and_lets_it_reach_what_it_must(spec):
+    docs = list(yaml.safe_load_all((ROOT / "infra" / "k8s" / "pipeline" / "network-policy.yaml").read_text()))
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    for name, executor in _platform(spec).items():
+        labels = executor.get("podMetadata", {}).get("labels", {})
+        assert selector.items() <= labels.items(), f"{name}: not selected, so not limited"
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"} and "ingress" not in policy["spec"]
+    ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+    for what, port, where in TASK_ENDPOINTS:
+        assert port in ports, f"{what} ({where}) is blocked"
+    mlflow = [r for r in policy["spec"]["egress"] if any(p["port"] == 5000 for p in r["ports"])]
+    assert mlflow and mlflow[0]["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "mlflow"}
