@@ -5,10 +5,15 @@ STAMP  := $(VENV)/.requirements.sha256
 PLOTS  := .dvc/plots/offline.html
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup system-packages venv lock run run-local demo-inputs generate init test ui screenshot stack stack-down image run-container \
-	sbom audit reliability imagenet-zoo bench-transfer bench-speed clean
+.PHONY: help setup system-packages venv lock run run-local demo-inputs generate init test exps ui screenshot stack stack-down image \
+	run-container sbom audit reliability imagenet-zoo bench-transfer bench-speed clean
+.DEFAULT_GOAL := help
 
-setup: venv $(PLOTS)
+help:                          ## this list (a bare `make` prints it too)
+	@echo "make <target>: start with \`make run\` (set-up and the default pipeline) and \`make test\`"
+	@awk -F':.*## ' '/^[a-z][a-z-]*:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: venv $(PLOTS)           ## .venv from requirements-dev.lock, and the offline plot template
 
 # Chromium, npm, podman, runc, debootstrap from Debian: installed when missing (root), or named in one line.
 system-packages:
@@ -58,6 +63,9 @@ init: setup                    ## your own images: make init DATA=path/or/s3 WEI
 
 test: system-packages setup  ## the test suite (installs what it needs first: Debian packages, .venv)
 	python -m pytest
+
+exps: setup                    ## DVC experiments side by side: headline metrics and the settings that differ
+	dvc exp show --only-changed --sort-by metrics/headline.json:test_accuracy --sort-order desc
 
 ui: setup                      ## MLflow UI on the default local store
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

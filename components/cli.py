@@ -5,7 +5,8 @@ traceback only for a real bug or with --debug.
 
 Exit codes: 0 done; 1 a bug (traceback); 2 configuration (params.yaml, arguments); 3 input data;
 4 pretrained weights (fetching, checking, loading); 5 training diverged; 6 MLflow (tracking,
-registry); 7 storage (a file or folder that cannot be read or written, a full disk).
+registry); 7 storage (a file or folder that cannot be read or written, a full disk); 130 stopped by
+Ctrl-C, 143 by SIGTERM (128 + the signal, as a shell reports it), in one line.
 MLflow's INFO lines and artifact progress bars are left out unless --verbose.
 """
 
@@ -14,7 +15,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -48,6 +52,20 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def _stop_on_sigterm() -> list[int]:
+    """SIGTERM (Kubeflow stopping a pod, `kill`) ends the step as Ctrl-C does; the list gets the signal."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        return got
+
+    def stop(signum, frame):
+        got.append(signum)
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    return got
+
+
 def run(main, argv: list[str] | None = None) -> int:
     """Call a step's `main(argv)`; map the expected failures to one message and an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -58,8 +76,18 @@ def run(main, argv: list[str] | None = None) -> int:
     # components/finetune.py under `python -m components.finetune`; a package's __main__.py: the package
     path = Path(sys.argv[0])
     step = path.parent.name if path.stem == "__main__" else path.stem
+    stopped_by = _stop_on_sigterm()
     try:
         return main(argv)
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        epoch = getattr(err, "last_finished_epoch", None)
+        print(f"{step}: interrupted{f' after epoch {epoch}' if epoch else ''}; `make run` (or `dvc repro`) "
+              "continues from there", file=sys.stderr)
+        # the training run's own SIGTERM handler says which signal in the message (components/tracking/runs.py)
+        by = re.search(r"stopped by signal (\d+)", str(err))
+        return 128 + (stopped_by[0] if stopped_by else int(by.group(1)) if by else signal.SIGINT)
     except Exception as err:  # noqa: BLE001 - sorted below: expected ones get a line, bugs a traceback
         code = None if debug else exit_code(err)
         if code is None:

@@ -104,7 +104,7 @@ def evaluate(dataset_dir, model_dir, cfg: ValidateConfig, champion: Champion | N
 
 
 def run(dataset_dir, policy_dir, weights_dir, model_dir, out, cfg: ValidateConfig, registry: RegisterConfig,
-        tracking_cfg: TrackingConfig, runner: str, pipeline_run_id: str):
+        tracking_cfg: TrackingConfig, runner: str, pipeline_run_id: str, headline: str | Path | None = None):
     """The step as DVC, Kubeflow and the tests run it: find the champion, validate, record the run; the
     reports appear at `out` only when the run holds them. Returns the gate decision and the run record."""
     champion = find_champion(registry) if cfg.compare_with_champion else None
@@ -118,6 +118,8 @@ def run(dataset_dir, policy_dir, weights_dir, model_dir, out, cfg: ValidateConfi
                                    lambda: serving.log_model(model.checkpoint, examples), tracking_cfg, runner,
                                    pipeline_run_id)
         draft.record(record)
+    if headline:
+        reports.write_headline(headline, result["metrics"], result["gate"], model.summary)
     return result["gate"], record
 
 
@@ -130,10 +132,11 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", required=True, help="weights folder from components.fetch_pretrained")
     parser.add_argument("--model", required=True, help="model folder from components.finetune")
     parser.add_argument("--out", required=True, help="folder for metrics, gate decision and run.json")
+    parser.add_argument("--headline", help="also the headline figures here (a small file git keeps: DVC's metrics)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     gate, record = run(args.dataset, args.policy, args.weights, args.model, args.out, params.validation,
-                       params.registry, params.tracking, *runs.runner_identity())
+                       params.registry, params.tracking, *runs.runner_identity(), headline=args.headline)
     skipped = (gate.get("champion") or {}).get("skipped")
     print(f"validate: {'PASSED' if gate['passed'] else 'FAILED: ' + '; '.join(gate['reasons'])}"
           f"{f' (champion: {skipped})' if skipped else ''}; MLflow run {record.run_id} ({record.run_name})")

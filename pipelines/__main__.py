@@ -202,7 +202,8 @@ def _init(args) -> int:
         print(f"init: {key} = {value}")
     # the generated files follow params.yaml, which this process read before the change: regenerate afresh
     subprocess.run([sys.executable, "-m", "pipelines", "generate"], cwd=fp.ROOT, check=True)
-    print("init: next: `make run` (fine-tunes on your images; `dvc add` the folder to version it)")
+    print("init: next: commit what init changed (`git commit -am 'init: my images'`), so run names show only what "
+          "you change after it; then `make run` (fine-tunes on your images; `dvc add` the folder to version it)")
     return 0
 
 

@@ -50,6 +50,7 @@ class Step:
     gpu: bool = False                   # Kubeflow: gets params.yaml's pipeline.finetune_gpus and GPU scheduling
     demo: bool = False                  # DEMO ONLY: generated only while params.yaml has `demo`
     outs: tuple[str, ...] = ()          # DVC: what a demo stage writes (it has no artifact of the six)
+    headline: str = ""                  # DVC: also its headline figures in this git-tracked file (the metrics)
 
 
 STEPS = (
@@ -77,7 +78,7 @@ STEPS = (
          always_changed=True, runners=("dvc",)),
     Step("validate", "components.validate", inputs=("dataset", "policy", "weights", "model"), output="reports",
          params=("validate", "register.model_name", "register.alias"), depends_on=("tracking_target",),
-         cache=False, credentials=True),
+         cache=False, credentials=True, headline="metrics/headline.json"),
     Step("register", "components.register", inputs=("reports",), output="registration", params=("register",),
          cache=False, when="validate", credentials=True),
 )
@@ -89,8 +90,9 @@ def _in(artifact: str, name: str) -> str:
     return f"{ARTIFACTS[artifact]}/{name}"
 
 
-# DVC metrics and plots (`dvc metrics show`, `dvc plots show`), from the artifacts above.
-METRICS = (_in("reports", reports.METRICS),)
+# DVC metrics and plots (`dvc metrics show`, `dvc plots show`), from the artifacts above. The metrics are the
+# headline file git keeps, so every experiment commit has them (`dvc exp show`, `dvc metrics diff`).
+METRICS = tuple(s.headline for s in STEPS if s.headline)
 PLOTS = (
     {"loss": {"template": "linear", "x": "epoch", "y": {_in("model", model.HISTORY): ["train_loss", "val_loss"]}}},
     {"accuracy": {"template": "linear", "x": "epoch",

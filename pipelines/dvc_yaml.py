@@ -79,6 +79,8 @@ def stage(step: Step, params: Params) -> dict:
     words = [f"python -m {step.module}", step.args, *(f"--{a} {ARTIFACTS[a]}" for a in step.inputs)]
     if step.output:
         words.append(f"--out {ARTIFACTS[step.output]}")
+    if step.headline:
+        words.append(f"--headline {step.headline}")
     deps = import_closure(step.module) + [ARTIFACTS.get(a, a) for a in (*step.inputs, *step.depends_on)]
     always = step.always_changed
     for key in step.path_params:
@@ -89,6 +91,8 @@ def stage(step: Step, params: Params) -> dict:
             always = True
     outs = list(step.outs) or [ARTIFACTS[step.output] if step.output not in UNCACHED
                                else {ARTIFACTS[step.output]: {"cache": False}}]
+    if step.headline:  # git keeps it (not DVC's cache): an experiment's commit carries its figures
+        outs.append({step.headline: {"cache": False}})
     result = {"cmd": " ".join(w for w in words if w), "deps": deps}
     if step.params:
         result["params"] = list(step.params)

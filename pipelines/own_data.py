@@ -80,10 +80,68 @@ def freeze_point(arch: str, library: str = "torchvision") -> str:
     return ""  # unknown layout: train everything
 
 
+def check_data(data: str, root: Path, extensions: list[str]) -> None:
+    """A local DATA folder holds at least two class folders with images (an s3:// prefix is listed by the
+    data step itself, with the same rules)."""
+    if "://" in data:
+        return
+    folder = Path(data) if Path(data).is_absolute() else root / data
+    if not folder.is_dir():
+        raise ConfigError(f"DATA: {data}: no such folder (an ImageFolder: one sub-folder of images per class)")
+    suffixes = {e.lower() for e in extensions}
+    classes = [p.name for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")
+               and any(f.suffix.lower() in suffixes for f in p.rglob("*"))]
+    if len(classes) < 2:
+        raise ConfigError(f"DATA: {data}: {len(classes)} class folder(s) with images {classes}; classification "
+                          f"needs at least 2 (one sub-folder per class, images {', '.join(sorted(suffixes))})")
+
+
+def check_weights(weights: str, library: str, arch: str, root: Path) -> None:
+    """WEIGHTS names something that exists: a file, a torchvision weights name of `arch`, a timm model."""
+    from urllib.parse import parse_qs
+
+    parsed = urlparse(weights)
+    if parsed.scheme == "torchvision":
+        import torchvision
+
+        try:
+            names = [w.name for w in torchvision.models.get_model_weights(arch)]
+        except ValueError:
+            raise ConfigError(f"WEIGHTS: {weights}: torchvision has no network {arch}") from None
+        wanted = parse_qs(parsed.query).get("weights", [""])[0]
+        if wanted not in names:
+            raise ConfigError(f"WEIGHTS: {weights}: {arch} has no weights '{wanted}'; it has: {', '.join(names)}")
+        return
+    if parsed.scheme == "timm":
+        import timm
+
+        if not timm.is_model(arch):
+            close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+            raise ConfigError(f"WEIGHTS: {weights}: timm has no model {arch}"
+                              + (f" (similar: {', '.join(close)})" if close else ""))
+        inner = parse_qs(parsed.query).get("weights", [""])[0]
+        if inner:
+            check_weights(inner, library, arch, root)
+        return
+    if "://" not in weights or parsed.scheme == "file":
+        path = Path(weights.removeprefix("file://"))
+        if not (path if path.is_absolute() else root / path).is_file():
+            raise ConfigError(f"WEIGHTS: {weights}: no such file")
+
+
 def init(data: str, weights: str, arch: str | None = None, name: str | None = None, sha256: str = "",
          params_file: Path = ROOT / "params.yaml", library: str | None = None) -> dict:
-    """Point params.yaml at your data and weights with the photo recipe; returns what was set."""
+    """Point params.yaml at your data and weights with the photo recipe; returns what was set. DATA, WEIGHTS
+    and ARCH are checked first: nothing is written when one is wrong."""
     library, arch = network_of(weights, arch, library)
+    current = load_params(params_file)
+    check_data(data, params_file.parent, current.data.extensions)
+    check_weights(weights, library, arch, params_file.parent)
+    try:
+        freeze_until = freeze_point(arch, library)
+    except Exception as err:  # torchvision and timm say so in their own words; the setting is ARCH
+        raise ConfigError(f"ARCH: {arch}: {library} cannot build it ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
     name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", Path(data.rstrip("/")).name or "images")
     name = f"{name}-{arch}" if not name.endswith(arch) else name
     yaml = YAML()  # round-trip: keeps the comments that document every key
@@ -92,7 +150,7 @@ def init(data: str, weights: str, arch: str | None = None, name: str | None = No
     changes = {
         "data": {"source": data, "repo": "", "rev": "", "classes": []},
         "pretrained": {"uri": weights, "library": library, "arch": arch, "sha256": sha256},
-        "finetune": {**PHOTO_RECIPE["finetune"], "freeze_until": freeze_point(arch, library)},
+        "finetune": {**PHOTO_RECIPE["finetune"], "freeze_until": freeze_until},
         "augment": PHOTO_RECIPE["augment"],
         "validate": PHOTO_RECIPE["validate"],
         "register": {"model_name": name},
@@ -102,7 +160,10 @@ def init(data: str, weights: str, arch: str | None = None, name: str | None = No
         for key, value in values.items():
             if raw[section].get(key) != value:
                 raw[section][key] = _flow(value) if isinstance(value, list) else value
-    for (section, key), comment in NEW_COMMENTS.items():
+    comments = {**NEW_COMMENTS, ("finetune", "freeze_until"):
+                f"# ...and everything before this module: make init froze two thirds of {arch}'s stages"
+                if freeze_until else f"# nothing frozen: make init does not know {arch}'s stages"}
+    for (section, key), comment in comments.items():
         raw[section].yaml_add_eol_comment(comment, key, column=36)
     raw.pop("demo", None)
     text = io.StringIO()

@@ -199,3 +199,28 @@ def test_dvc_experiments_in_temporary_copies_log_to_the_workspace_store_and_see_
         assert "accuracy_difference_lower_bound" in run.data.metrics  # compared with the workspace's champion
         assert Path(run.info.artifact_uri.removeprefix("file://")).is_dir()  # artifacts outlive the temp copy
     assert int(client.get_model_version_by_alias(MODEL, "challenger").version) > int(champion)
+    # the leaderboard: every experiment's headline figures, from the file its commit carries
+    done = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    headlines = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            name = node.get("name")
+            data = node.get("data") or {}
+            metrics = (data.get("metrics") or {}).get("metrics/headline.json", {}).get("data")
+            if name and metrics:
+                headlines[name] = metrics
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(shown)
+    assert {"temp-lr", "queued-lr"} <= set(headlines), shown
+    for name in ("temp-lr", "queued-lr"):
+        assert 0 <= headlines[name]["test_accuracy"] <= 1 and headlines[name]["best_epoch"] >= 1
+        assert isinstance(headlines[name]["gate_passed"], bool) and headlines[name]["compared_with"].startswith("v")
+    assert "test_accuracy" in _run(["dvc", "metrics", "diff", "temp-lr", "queued-lr"], repo)

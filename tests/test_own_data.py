@@ -17,9 +17,18 @@ from helpers import ROOT, make_photo_folder, repository_copy
 from pipelines import own_data
 
 
-def test_init_points_params_yaml_at_your_data_and_weights_keeping_its_comments(tmp_path):
+def _project(tmp_path) -> Path:
+    """A params.yaml with the folder and the weights file init is pointed at (init checks they exist)."""
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
+    make_photo_folder(tmp_path / "data" / "photos", per_class=1)
+    (tmp_path / "zoo").mkdir()
+    (tmp_path / "zoo" / "lite0.pt").write_bytes(b"weights")
+    return params
+
+
+def test_init_points_params_yaml_at_your_data_and_weights_keeping_its_comments(tmp_path):
+    params = _project(tmp_path)
     changed = own_data.init("data/photos", "torchvision://mobilenet_v3_large?weights=IMAGENET1K_V2",
                             params_file=params)
     result = load_params(params)
@@ -31,11 +40,12 @@ def test_init_points_params_yaml_at_your_data_and_weights_keeping_its_comments(t
     text = params.read_text()
     assert "# ImageFolder layout (one sub-folder per class)" in text  # the comments that document each key stay
     assert "digits are not mirror-symmetric" not in text and "5-class top block" not in text  # but not stale ones
+    assert "(resnet: conv1..layer2)" not in text
+    assert "make init froze two thirds of mobilenet_v3_large's stages" in text
 
 
 def test_init_reads_a_timm_network_from_its_uri_and_freezes_two_thirds_of_its_blocks(tmp_path):
-    params = tmp_path / "params.yaml"
-    params.write_text((ROOT / "params.yaml").read_text())
+    params = _project(tmp_path)
     changed = own_data.init("data/photos", "timm://efficientnet_lite0?weights=zoo/lite0.pt", params_file=params)
     result = load_params(params)
     assert (result.pretrained.library, result.pretrained.arch) == ("timm", "efficientnet_lite0")
@@ -49,6 +59,41 @@ def test_init_refuses_weights_whose_architecture_it_cannot_tell_and_leaves_param
     with pytest.raises(ConfigError, match=r"--arch: needed for s3://zoo/r50.pt \(torchvision:// and timm:// URIs"):
         own_data.init("data/photos", "s3://zoo/r50.pt", params_file=params)
     assert params.read_text() == (ROOT / "params.yaml").read_text()
+
+
+@pytest.mark.parametrize("data, weights, arch, error", [
+    ("data/nowhere", "torchvision://resnet18?weights=IMAGENET1K_V1", None, "DATA: data/nowhere: no such folder"),
+    ("data/one", "torchvision://resnet18?weights=IMAGENET1K_V1", None,
+     "DATA: data/one: 1 class folder(s) with images ['flower']; classification needs at least 2"),
+    ("data/photos", "zoo/missing.pt", "resnet18", "WEIGHTS: zoo/missing.pt: no such file"),
+    ("data/photos", "torchvision://resnet18?weights=IMAGENET1K_V2", None,
+     "WEIGHTS: torchvision://resnet18?weights=IMAGENET1K_V2: resnet18 has no weights 'IMAGENET1K_V2'; it has: "
+     "IMAGENET1K_V1"),
+    ("data/photos", "torchvision://resnet19?weights=IMAGENET1K_V1", None, "torchvision has no network resnet19"),
+    ("data/photos", "timm://efficientnet_lite9", None, "WEIGHTS: timm://efficientnet_lite9: timm has no model"),
+    ("data/photos", "timm://efficientnet_lite0?weights=zoo/missing.pt", None, "WEIGHTS: zoo/missing.pt: no such"),
+    ("data/photos", "zoo/lite0.pt", "resnet99", "ARCH: resnet99: torchvision cannot build it"),
+])
+def test_init_refuses_what_would_fail_later_and_writes_nothing(tmp_path, data, weights, arch, error):
+    params = _project(tmp_path)
+    make_photo_folder(tmp_path / "data" / "one", per_class=1)
+    (tmp_path / "data" / "one" / "temple").rename(tmp_path / "data" / "one" / ".hidden")
+    before = params.read_text()
+    with pytest.raises(ConfigError) as refused:
+        own_data.init(data, weights, arch, params_file=params)
+    assert error in str(refused.value)
+    assert params.read_text() == before
+
+
+def test_make_init_says_it_in_one_line_with_exit_2(capsys):
+    from pipelines.__main__ import main
+
+    before = (ROOT / "params.yaml").read_text()
+    assert main(["init", "--data", "/nonexistent/photos", "--weights",
+                 "torchvision://resnet18?weights=IMAGENET1K_V1"]) == 2
+    assert capsys.readouterr().err == "init: DATA: /nonexistent/photos: no such folder (an ImageFolder: one " \
+                                      "sub-folder of images per class)\n"
+    assert (ROOT / "params.yaml").read_text() == before
 
 
 @pytest.mark.e2e

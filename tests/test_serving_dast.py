@@ -169,3 +169,64 @@ def test_limits_apply_in_process_too():
     values = [_png(Image.new("RGB", (4000, 3000)))] * 9  # 12 Mpx each, 108 Mpx in all
     chunks = [indices for indices, _ in serving._chunks(serving._rows(values))]
     assert chunks == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]  # CHUNK_PIXELS = 50 Mpx decoded at a time
+
+
+def _readme_serve_commands() -> list[str]:
+    """The README's "Serve the champion" shell block, one command per entry (continuations joined)."""
+    from helpers import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- serve:", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+
+
+@pytest.mark.e2e
+def test_the_readmes_serve_commands_answer_with_the_class_of_the_image(trained, tmp_path):
+    """The two commands as written (the store, the port and the image file put where they say), against the
+    champion registered under the README's name: the class the model gives the image in-process comes back."""
+    from local_stack import stop
+
+    serve_cmd, curl_cmd = _readme_serve_commands()
+    model_name = serve_cmd.split('models:/', 1)[1].split("@", 1)[0]
+    image_path = curl_cmd.split("base64 -w0 ", 1)[1].split(")", 1)[0]
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    examples = [p for p, *_ in dataset.images(trained / "data", "test")]
+    with mlflow.start_run():
+        info = serving.log_model(trained / "model" / "model.pt", [examples[0].read_bytes()])
+    version = mlflow.register_model(info.model_uri, model_name).version
+    mlflow.MlflowClient().set_registered_model_alias(model_name, "champion", version)
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    assert {r.split("==")[0] for r in serving.requirements()} >= {"torch", "pillow", "pandas"}
+    assert all("==" in r for r in serving.requirements())
+    work = tmp_path / "work"  # the project as the README assumes it: .venv here, the image at its path
+    (work / image_path).parent.mkdir(parents=True)
+    (work / image_path).write_bytes(examples[0].read_bytes())
+    (work / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    expected = model.predict(__import__("pandas").DataFrame({"image": [examples[0].read_bytes()]}))["label"][0]
+    port = str(free_port())
+    serve_line = serve_cmd.removesuffix("&").replace("sqlite:///mlflow.db", store).replace("5001", port)
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(["bash", "-c", f"exec env {serve_line}"], cwd=work, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        answer = subprocess.run(["bash", "-c", curl_cmd.replace("5001", port)], cwd=work, capture_output=True,
+                                text=True, timeout=60)
+        predictions = json.loads(answer.stdout)["predictions"]
+        assert [p["label"] for p in predictions] == [expected], answer.stdout
+        assert 0 < predictions[0]["confidence"] <= 1
+    finally:
+        stop(proc.pid)
+        proc.wait()
+        log.close()

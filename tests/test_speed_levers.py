@@ -182,3 +182,18 @@ def test_compile_changes_results_only_by_float_rounding_and_reports_its_compile_
     summary = json.loads((tmp_path / "compiled" / "summary.json").read_text())
     assert summary["compile_seconds"] > 0 and "compile_seconds" in b[0]  # apart from the epochs, and in MLflow
     assert json.loads((tmp_path / "eager" / "summary.json").read_text())["compile_seconds"] is None
+
+
+def test_cached_batches_know_their_count_so_the_batch_bar_has_a_total(tmp_path):
+    import numpy as np
+
+    from components.training.prefix_cache import Features
+
+    features = Features(tmp_path, "train-0", 5, (3,))
+    features.x[:] = np.arange(15, dtype=np.float16).reshape(5, 3)
+    features.y[:] = [0, 1, 0, 1, 1]
+    batches = features.batches([[4, 0], [1, 2], [3]])
+    assert len(batches) == 3
+    (x0, y0), *_ = list(batches)
+    assert x0.tolist() == [[12.0, 13.0, 14.0], [0.0, 1.0, 2.0]] and y0.tolist() == [1, 0]
+    assert len(list(batches)) == 3  # iterable again, as an epoch's loop may

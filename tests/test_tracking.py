@@ -53,13 +53,26 @@ def test_epochs_are_visible_while_training_and_sigterm_ends_the_run_killed(artif
     assert live.data.tags["data_fingerprint"] and live.data.tags["pipeline_runner"] == "cli"
 
     process.send_signal(signal.SIGTERM)  # as Kubeflow stops a pod
-    process.communicate(timeout=60)
-    assert process.returncode != 0
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 143 and "Traceback" not in out, out
     run = client.get_run(live.info.run_id)
     logged = client.get_metric_history(run.info.run_id, "val_loss")
     assert run.info.status == "KILLED" and run.data.tags["error"] == "KeyboardInterrupt: stopped by signal 15"
     assert run.data.tags["last_finished_epoch"] == str(max(m.step for m in logged)) and len(logged) >= 2
     assert not (artifacts / "model").exists()  # nothing half-written stands as the model
+    assert out.strip().splitlines()[-1] == (f"finetune: interrupted after epoch {run.data.tags['last_finished_epoch']}; "
+                                            "`make run` (or `dvc repro`) continues from there")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(artifacts):
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    process = _finetune_process(artifacts, max_epochs=500, patience=500)
+    live = _wait_for_epochs(client, process, 1)
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends the foreground process group
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in out, out
+    assert out.strip().splitlines()[-1].startswith("finetune: interrupted after epoch ")
+    assert client.get_run(live.info.run_id).info.status == "KILLED"
 
 
 def test_a_failing_fine_tune_ends_its_run_failed_with_the_error_and_the_last_finished_epoch(artifacts):

@@ -5,6 +5,8 @@
     per_class.csv, predictions.csv, calibration.csv        the tables (DVC plots read the last two)
     confusion_matrix.png, reliability.png, misclassified.png
     run.json              the MLflow run holding the validated model (components/artifacts/run_record.py)
+
+and, where DVC asks for it, the headline figures in a git-tracked file (write_headline).
 """
 
 from __future__ import annotations
@@ -46,6 +48,19 @@ class Draft:
 
     def record(self, run: RunRecord) -> None:
         run_record.write(self.folder, run)
+
+
+def write_headline(path: str | Path, metrics: dict, gate: dict, training: dict) -> None:
+    """The run's headline figures in one small file that git keeps (DVC's metrics: `dvc exp show` and
+    `dvc metrics diff` compare experiments by it): test accuracy and macro F1, the best validation loss and
+    its epoch, the gate's verdict and what it was compared with. The detailed reports stay in this folder."""
+    champion = gate.get("champion") or {}
+    write_json(Path(path), {
+        "test_accuracy": round(float(metrics["accuracy"]), 6), "test_macro_f1": round(float(metrics["macro_f1"]), 6),
+        "best_val_loss": round(float(training["best_val_loss"]), 6), "best_epoch": int(training["best_epoch"]),
+        "gate_passed": bool(gate["passed"]),
+        "compared_with": f"v{champion['champion_version']}" if champion.get("status") == "compared"
+        else champion.get("status", "none")})
 
 
 def publish(out: str | Path):

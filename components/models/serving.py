@@ -177,7 +177,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 def log_model(checkpoint: Path, examples: list[bytes], name: str = "model"):
     """Log the checkpoint as an ImageClassifier pyfunc in the active run (`examples`: encoded images for
     its input example); returns MLflow's ModelInfo. The model carries components/ as its code."""
-    import torchvision
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
@@ -188,6 +187,13 @@ def log_model(checkpoint: Path, examples: list[bytes], name: str = "model"):
         name=name, python_model=str(Path(__file__).parent / "pyfunc_entry.py"),
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=[str(Path(__file__).parents[1])], signature=signature, input_example=example,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                          f"torchvision=={torchvision.__version__.split('+')[0]}",
-                          f"mlflow=={mlflow.__version__}", "pillow", "pandas"])
+        pip_requirements=requirements())
+
+
+def requirements() -> list[str]:
+    """What the served model imports, pinned to the versions that trained it (a new environment built from
+    them decodes and predicts as validate did)."""
+    from importlib.metadata import version
+
+    names = ("torch", "torchvision", "timm", "mlflow", "pillow", "pandas", "numpy")
+    return [f"{name}=={version(name).split('+')[0]}" for name in names]

@@ -152,12 +152,13 @@ class TrainingRun:
     """The active run while a fine-tune trains: `log_epoch` is its per-epoch callback."""
 
     def __init__(self, run_id: str, name: str):
-        self.run_id, self.name = run_id, name
+        self.run_id, self.name, self.last_epoch = run_id, name, None
 
     def log_epoch(self, row: dict) -> None:
         metrics = {k: float(v) for k, v in row.items() if k not in EPOCH_FIELDS}
         mlflow.log_metrics(metrics, step=row["epoch"], timestamp=int(row["time"] * 1000))
         mlflow.set_tag("last_finished_epoch", str(row["epoch"]))
+        self.last_epoch = row["epoch"]
 
     def record(self) -> RunRecord:
         """What the model folder says about its run."""
@@ -220,6 +221,7 @@ def training_run(inputs: TrainingInputs, cfg: TrackingConfig, runner: str, pipel
             mlflow.set_tag("error", _one_line(err))
             if isinstance(err, KeyboardInterrupt):  # MLflow would call it FAILED
                 mlflow.end_run("KILLED")
+                err.last_finished_epoch = live.last_epoch  # for the one line components/cli.py prints
             raise
 
 

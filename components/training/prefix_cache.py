@@ -19,6 +19,7 @@ features, and the first copies are the very images an uncached run trains on.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
+from tqdm import tqdm
 
 from components.storage.atomic import sweep, temporary_prefix
 from components.training.loaders import in_order, sample_seed
@@ -117,11 +119,24 @@ class Features:
     def __len__(self):
         return len(self.y)
 
-    def batches(self, batches: list[list[int]]):
+    def batches(self, batches: list[list[int]]) -> "Batches":
         """(features, targets) for each list of row indices, in the order given."""
-        for rows in batches:
+        return Batches(self, batches)
+
+
+class Batches:
+    """A Features file's batches, with their count (the batch bar's total)."""
+
+    def __init__(self, features: Features, rows: list[list[int]]):
+        self.features, self.rows = features, rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __iter__(self):
+        for rows in self.rows:
             rows = np.asarray(rows)
-            yield torch.from_numpy(self.x[rows].astype(np.float32)), torch.from_numpy(self.y[rows])
+            yield torch.from_numpy(self.features.x[rows].astype(np.float32)), torch.from_numpy(self.features.y[rows])
 
 
 @torch.no_grad()
@@ -129,7 +144,9 @@ def compute(prefix: nn.Module, loader, folder: Path, name: str, prepare, autocas
     """Run `loader` through the frozen prefix (eval mode) into a Features file."""
     prefix.eval()
     store, at = None, 0
-    for x, y in loader:
+    # its own bar (on a terminal): the first epochs' time is mostly this, not training
+    for x, y in tqdm(loader, desc=f"frozen features ({name})", unit="batch", leave=False, file=sys.stderr,
+                     disable=None):
         with autocast():
             f = prefix(prepare(x)).float()
         if store is None:
