@@ -64,8 +64,9 @@ init: setup                    ## your own images: make init DATA=path/or/s3 WEI
 test: system-packages setup  ## the test suite (installs what it needs first: Debian packages, .venv)
 	python -m pytest
 
+HEADLINE := test_accuracy|test_macro_f1|best_val_loss|best_epoch|gate_passed|compared_with
 exps: setup                    ## DVC experiments side by side: headline metrics and the settings that differ
-	dvc exp show --only-changed --sort-by metrics/headline.json:test_accuracy --sort-order desc
+	dvc exp show --only-changed --keep '$(HEADLINE)' --sort-by metrics/headline.json:test_accuracy --sort-order desc
 
 ui: setup                      ## MLflow UI on the default local store
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
