@@ -68,8 +68,8 @@ HEADLINE := test_accuracy|test_macro_f1|best_val_loss|best_epoch|gate_passed|com
 exps: setup                    ## DVC experiments side by side: headline metrics and the settings that differ
 	dvc exp show --only-changed --keep '$(HEADLINE)' --sort-by metrics/headline.json:test_accuracy --sort-order desc
 
-ui: setup                      ## MLflow UI on the default local store
-	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+ui: setup                      ## MLflow UI on the default local store; prints the runs page's URL once it answers
+	python infra/mlflow_ui.py --store mlflow.db --port 5000
 
 screenshot: setup              ## PNGs of the MLflow UI (runs, the latest run, the champion) in headless Chromium
 	python infra/mlflow_screenshot.py --store mlflow.db --out screenshots
