@@ -76,6 +76,20 @@ def _session_peak_rss(sid: int) -> int:
     return total
 
 
+def _wait_until_serving(url: str, proc, log: Path, timeout: float = 120) -> None:
+    """Until the scoring server answers /ping; its log's tail if it dies or never answers."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
 @pytest.fixture
 def served(trained, tmp_path):
     """The fine-tuned model registered as the pipeline registers it, served on loopback."""
@@ -97,16 +111,7 @@ def served(trained, tmp_path):
              "MLFLOW_TRACKING_URI": store, "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(TIME_LIMIT_S)})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(0.5)
+        _wait_until_serving(url, proc, tmp_path / "serve.log")
         yield url, proc, examples
     finally:
         stop(proc.pid)
@@ -211,16 +216,7 @@ def test_the_readmes_serve_commands_answer_with_the_class_of_the_image(trained, 
                             start_new_session=True,
                             env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(0.5)
+        _wait_until_serving(f"http://127.0.0.1:{port}", proc, tmp_path / "serve.log")
         answer = subprocess.run(["bash", "-c", curl_cmd.replace("5001", port)], cwd=work, capture_output=True,
                                 text=True, timeout=60)
         predictions = json.loads(answer.stdout)["predictions"]
