@@ -6,7 +6,7 @@ PLOTS  := .dvc/plots/offline.html
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: help setup system-packages venv lock run run-local demo-inputs generate init test exps ui screenshot stack stack-down image \
-	run-container sbom audit reliability imagenet-zoo bench-transfer bench-speed clean
+	run-container sbom audit reliability imagenet-zoo bench-transfer bench-speed lr-find bench-lr clean
 .DEFAULT_GOAL := help
 
 help:                          ## this list (a bare `make` prints it too)
@@ -65,6 +65,9 @@ test: system-packages setup  ## the test suite (installs what it needs first: De
 	python -m pytest
 
 HEADLINE := test_accuracy|test_macro_f1|best_val_loss|best_epoch|gate_passed|compared_with
+lr-find: setup                 ## the learning-rate range test on the last run's data and weights: a rate and lr_find.png
+	python -m components.finetune --params params.yaml --dataset data/prepared --policy artifacts/augment --weights artifacts/pretrained --lr-find lr_find.png
+
 exps: setup                    ## DVC experiments side by side: headline metrics and the settings that differ
 	dvc exp show --only-changed --keep '$(HEADLINE)' --sort-by metrics/headline.json:test_accuracy --sort-order desc
 
@@ -104,6 +107,9 @@ imagenet-zoo: setup            ## real ImageNet weights offline: zoo/efficientne
 bench-transfer: setup          ## ImageNet weights vs random init vs a linear probe, photographs at 224 px (~30 min)
 	python benchmarks/transfer.py
 
+bench-lr: setup                ## finetune.lr auto (the range test) against fixed rates, photographs at 224 px (~15 min)
+	python benchmarks/lr_range.py
+
 clean:                         ## pipeline outputs and the local MLflow store (not .venv)
-	rm -rf data/raw data/prepared zoo/*.pt artifacts local_outputs checkpoints mlflow.db mlruns dvc_plots screenshots \
+	rm -rf data/raw data/prepared zoo/*.pt artifacts local_outputs checkpoints mlflow.db mlruns dvc_plots screenshots lr_find.png \
 		.container-run container-run.json build

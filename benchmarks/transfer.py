@@ -112,6 +112,23 @@ def test_accuracy(data: Path, model_dir: Path) -> float:
     return float(np.mean([model.class_names[k] == i.label for k, i in zip(probs.argmax(1), images)]))
 
 
+def photo_recipe(epochs: int) -> dict:
+    """The fine-tune settings every run here shares: `make init`'s photo recipe, its first blocks frozen, a
+    fixed budget of `epochs` (no early stop)."""
+    return {**PHOTO_RECIPE["finetune"], "freeze_until": freeze_point(imagenet_zoo.ARCH, "timm"),
+            "max_epochs": epochs, "patience": epochs + 1, "checkpoint_dir": "", "batch_size": 16}
+
+
+def photo_inputs(t: Path, params, images: int) -> None:
+    """Under `t`: data (the photographs' dataset artifact, split once), aug (the photo recipe's policy) and
+    imagenet.pt (the real ImageNet weights)."""
+    cut(t / "photos", images)
+    prepare(t / "photos", t / "data", override(params.data, source=str(t / "photos"), repo="", rev="",
+                                               classes=[], val_fraction=0.2, test_fraction=0.2))
+    augment(t / "data", t / "aug", override(params.augment, **PHOTO_RECIPE["augment"], preview_images=4))
+    imagenet_zoo.build(t / "imagenet.pt")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, nargs="+", default=[2, 5, 10, 24],
@@ -123,19 +140,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     params = load_params(ROOT / "params.yaml")
     arch, library = imagenet_zoo.ARCH, "timm"
-    recipe = {**PHOTO_RECIPE["finetune"], "freeze_until": freeze_point(arch, library), "max_epochs": args.epochs,
-              "patience": args.epochs + 1, "checkpoint_dir": "", "batch_size": 16}
+    recipe = photo_recipe(args.epochs)
     cfgs = {"transfer": override(params.finetune, **recipe),
             "scratch": override(params.finetune, **{**recipe, "freeze_until": ""}),
             "probe": override(params.finetune, **{**recipe, "freeze_until": "classifier"})}
     start, results = time.time(), []
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        cut(t / "photos", args.images)
-        prepare(t / "photos", t / "data", override(params.data, source=str(t / "photos"), repo="", rev="",
-                                                   classes=[], val_fraction=0.2, test_fraction=0.2))
-        augment(t / "data", t / "aug", override(params.augment, **PHOTO_RECIPE["augment"], preview_images=4))
-        imagenet_zoo.build(t / "imagenet.pt")
+        photo_inputs(t, params, args.images)
         scratch = t / "random.pt"
         net = architectures.build(arch, 1000, library)
         checkpoint.save(checkpoint.Checkpoint(arch, None, net.state_dict(), library=library), scratch)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 PARAMS_FILE = "params.yaml"
 
@@ -110,6 +110,21 @@ class LrGroup(Section):
     lr: float = Field(gt=0.0)
 
 
+def _rate(value):
+    """finetune.lr: a number above 0, or `auto`; one message for either mistake (not one per union member)."""
+    if value == "auto":
+        return value
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        rate = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("Input should be a number greater than 0, or auto") from None
+    if not rate > 0:
+        raise ValueError("Input should be greater than 0 (or auto)")
+    return rate
+
+
 class FinetuneConfig(Section):
     freeze: list[str]
     freeze_until: str               # freeze everything before this module (e.g. layer3, features.7)
@@ -122,7 +137,7 @@ class FinetuneConfig(Section):
     gamma: float = Field(gt=0.0, le=1.0)
     checkpoint_dir: str             # checkpoint every epoch here and resume from it; empty: off
     optimizer: Literal["sgd", "adamw"]
-    lr: float = Field(gt=0.0)
+    lr: Annotated[Literal["auto"] | float, BeforeValidator(_rate)]  # auto: the learning-rate range test's pick
     momentum: float = Field(ge=0.0, lt=1.0)
     weight_decay: float = Field(ge=0.0)
     batch_size: int = Field(ge=1)

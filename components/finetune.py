@@ -22,6 +22,8 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import joblib
@@ -32,12 +34,13 @@ from components.artifacts.checkpoint import Checkpoint
 from components.artifacts.lineage import training_inputs
 from components.config import FinetuneConfig, TrackingConfig, load_params, parse_section
 from components.models import architectures
-from components.storage.atomic import read_json, write_json
+from components.storage.atomic import atomic_file, read_json, write_json
 from components.tracking import runs
-from components.training import distributed, resume
+from components.training import diagnosis, distributed, resume
 from components.training.curves import save_curves
 from components.training.loaders import make_loaders
-from components.training.loop import TrainingError, fit
+from components.training.loop import TrainingError, fit, range_test
+from components.training.lr_find import save_plot
 from components.training.transforms import device_transform
 
 __all__ = ["TrainingError", "finetune", "run", "run_data_parallel"]
@@ -72,11 +75,12 @@ def pretrained_model(pretrained_dir, class_names: list[str], cfg: FinetuneConfig
 
 
 def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig, on_epoch=None,
-             run_record=None, fabric=None) -> dict:
+             run_record=None, fabric=None, on_lr_found=None) -> dict:
     """Fine-tune the fetched weights on the dataset artifact; write the best model to `out`.
 
-    `on_epoch` is fit's per-epoch callback; `run_record` (which MLflow run trained it) goes into `out`.
-    Of data-parallel processes (`fabric`), only rank 0 writes.
+    `on_epoch` and `on_lr_found` are fit's callbacks; `run_record` (which MLflow run trained it) goes into
+    `out`. Of data-parallel processes (`fabric`), only rank 0 writes. The summary holds the run's diagnosis
+    (components/training/diagnosis.py) and, with finetune.lr auto, the range test's finding.
     """
     started = time.time()
     fabric = fabric or distributed.fabric_for(cfg)
@@ -89,9 +93,20 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig,
 
     on_device = cfg.gpu_augment and fabric.device.type == "cuda"
     train_loader, val_loader = make_loaders(dataset_dir, policy, cfg, class_names, augment_on_device=on_device)
+    found = []
+
+    def lr_found(finding):
+        found.append(finding)
+        if on_lr_found:
+            on_lr_found(finding)
+
     best_state, history, best_epoch = fit(model, train_loader, val_loader, cfg,
                                           run_key(dataset_dir, augment_dir, pretrained_dir, cfg), on_epoch, fabric,
-                                          augment=device_transform(policy) if on_device else None)
+                                          augment=device_transform(policy) if on_device else None,
+                                          on_lr_found=lr_found)
+    counts_per_class = Counter(image.label for image in dataset.images(dataset_dir, "train"))
+    used = {**cfg.model_dump(mode="json"), "lr": found[0].suggestion if found else cfg.lr}
+    findings = diagnosis.diagnose(history, dict(counts_per_class), used, found[0].suggestion if found else None)
     counts = architectures.parameter_counts(model)
     best = next(r for r in history if r["epoch"] == best_epoch)  # the saved epoch, whatever came after
     summary = {
@@ -111,12 +126,17 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig,
         "compile_seconds": next((r["compile_seconds"] for r in history if "compile_seconds" in r), None),
         "weights_sha256": architectures.weights_digest(best_state),  # register refuses a copy of a version
         "config": cfg.model_dump(mode="json"),
+        "lr_find": found[0].summary() if found else None,
+        "diagnosis": {"tag": diagnosis.names(findings), "findings": [asdict(f) for f in findings],
+                      "report": diagnosis.report(findings)},
     }
     if fabric.global_rank != 0:  # rank 0 writes the model and ends the run
         return summary
     print(f"finetune: {arch}, {len(class_names)} classes, output layer "
           f"{'replaced: ' + head if head else 'kept'}; trainable parameters {history[0]['trainable_parameters']:,} "
           f"at the start, {counts['trainable']:,} of {counts['total']:,} at the end", file=sys.stderr)
+    for line in [f.line() for f in findings] or [diagnosis.HEALTHY]:
+        print(f"finetune: diagnosis: {line}", file=sys.stderr)
     preprocessing = {"image_size": policy.image_size, "mean": list(policy.mean), "std": list(policy.std)}
     model_artifact.write(out, Checkpoint(arch, class_names, best_state, preprocessing, cfg.model_dump(mode="json"),
                                          summary, library), history, summary, save_curves, run_record)
@@ -125,10 +145,27 @@ def finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig,
     return summary
 
 
+def lr_range_test(dataset_dir, augment_dir, pretrained_dir, cfg: FinetuneConfig, plot: str | Path) -> dict:
+    """The learning-rate range test on the fine-tune's model and data, its plot at `plot`; no training."""
+    fabric = distributed.fabric_for(cfg)
+    class_names = dataset.classes(dataset_dir)
+    policy = policy_artifact.read(augment_dir)
+    model, arch, _, _ = pretrained_model(pretrained_dir, class_names, cfg)
+    architectures.check_input(model, policy.image_size, arch)
+    on_device = cfg.gpu_augment and fabric.device.type == "cuda"
+    train_loader, val_loader = make_loaders(dataset_dir, policy, cfg, class_names, augment_on_device=on_device)
+    finding = range_test(model, train_loader, val_loader, cfg, fabric,
+                         augment=device_transform(policy) if on_device else None)
+    if fabric.global_rank == 0:
+        with atomic_file(plot) as tmp:
+            save_plot(finding, tmp)
+    return finding.summary()
+
+
 def run(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig, tracking_cfg: TrackingConfig,
-        runner: str, pipeline_run_id: str, changes: list[str] = ()) -> dict:
+        runner: str, pipeline_run_id: str, changes: list[str] | None = None) -> dict:
     """The step as DVC, Kubeflow and the tests run it: `finetune` inside a live MLflow run.
-    `changes` (parameters changed from the committed params.yaml) lead the run's name."""
+    `changes` (in a DVC experiment, the parameters changed from its baseline) lead the run's name."""
     fabric = distributed.fabric_for(cfg)
     if fabric.global_rank != 0:  # one MLflow run, the lead process's
         return finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg, fabric=fabric)
@@ -139,13 +176,14 @@ def run(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig, trac
         if cfg.checkpoint_dir:
             resume.mark_run(cfg.checkpoint_dir, key, live.run_id)
         summary = finetune(dataset_dir, augment_dir, pretrained_dir, out, cfg, on_epoch=live.log_epoch,
-                           run_record=live.record(), fabric=fabric)
+                           run_record=live.record(), fabric=fabric, on_lr_found=live.log_lr_finding)
         runs.log_training_outputs(summary, model_artifact.record_files(out))
     return {**summary, "run_id": live.run_id}
 
 
 def run_data_parallel(dataset_dir, augment_dir, pretrained_dir, out, cfg: FinetuneConfig,
-                      tracking_cfg: TrackingConfig, runner: str, pipeline_run_id: str, changes: list[str] = ()) -> dict:
+                      tracking_cfg: TrackingConfig, runner: str, pipeline_run_id: str,
+                      changes: list[str] | None = None) -> dict:
     """`run` in as many processes as finetune.devices asks for on this node, started as torchrun starts
     them (one: in this process). The processes read their arguments from a file and rank 0 writes its
     summary back beside it."""
@@ -156,7 +194,7 @@ def run_data_parallel(dataset_dir, augment_dir, pretrained_dir, out, cfg: Finetu
         spec = Path(tmp) / "arguments.json"
         write_json(spec, {"paths": [str(p) for p in (dataset_dir, augment_dir, pretrained_dir, out)],
                           "finetune": cfg.model_dump(mode="json"), "tracking": tracking_cfg.model_dump(mode="json"),
-                          "runner": runner, "pipeline_run_id": pipeline_run_id, "changes": list(changes)})
+                          "runner": runner, "pipeline_run_id": pipeline_run_id, "changes": changes})
         distributed.launch(processes, ["-m", "components.finetune", "--process", str(spec)])
         return read_json(spec.with_name("rank-0-summary.json"))
 
@@ -181,11 +219,20 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", required=True, help="dataset artifact from components.data")
     parser.add_argument("--policy", required=True, help="policy folder from components.augment")
     parser.add_argument("--weights", required=True, help="weights folder from components.fetch_pretrained")
-    parser.add_argument("--out", required=True, help="folder for model.pt, history.json, training_curves.png")
+    parser.add_argument("--out", help="folder for model.pt, history.json, training_curves.png")
+    parser.add_argument("--lr-find", metavar="PLOT", help="only the learning-rate range test: print its "
+                                                          "suggestion, draw its plot here (a .png), train nothing")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    if args.lr_find:
+        found = lr_range_test(args.dataset, args.policy, args.weights, params.finetune, args.lr_find)
+        print(f"finetune: range test plot: {args.lr_find}; set finetune.lr: {found['suggested_lr']:.3g} "
+              "(or finetune.lr: auto, which runs the test before every fine-tune)")
+        return 0
+    if not args.out:
+        parser.error("--out is required (or --lr-find PLOT)")
     summary = run_data_parallel(args.dataset, args.policy, args.weights, args.out, params.finetune, params.tracking,
-                                *runs.runner_identity(), changes=runs.changed_params(args.params))
+                                *runs.runner_identity(), changes=runs.experiment_changes(args.params))
     if "run_id" not in summary:  # a process of a torchrun launch that is not rank 0
         return 0
     print(f"finetune: best epoch {summary['best_epoch']} of {summary['epochs_run']}, "

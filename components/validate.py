@@ -104,7 +104,8 @@ def evaluate(dataset_dir, model_dir, cfg: ValidateConfig, champion: Champion | N
 
 
 def run(dataset_dir, policy_dir, weights_dir, model_dir, out, cfg: ValidateConfig, registry: RegisterConfig,
-        tracking_cfg: TrackingConfig, runner: str, pipeline_run_id: str, headline: str | Path | None = None):
+        tracking_cfg: TrackingConfig, runner: str, pipeline_run_id: str, headline: str | Path | None = None,
+        plots: str | Path | None = None, changes: list[str] | None = None):
     """The step as DVC, Kubeflow and the tests run it: find the champion, validate, record the run; the
     reports appear at `out` only when the run holds them. Returns the gate decision and the run record."""
     champion = find_champion(registry) if cfg.compare_with_champion else None
@@ -116,10 +117,12 @@ def run(dataset_dir, policy_dir, weights_dir, model_dir, out, cfg: ValidateConfi
         result = evaluate(dataset_dir, model_dir, cfg, champion, draft)
         record = record_validation(inputs, model, result["metrics"], result["gate"], draft.files(),
                                    lambda: serving.log_model(model.checkpoint, examples), tracking_cfg, runner,
-                                   pipeline_run_id)
+                                   pipeline_run_id, changes)
         draft.record(record)
     if headline:
         reports.write_headline(headline, result["metrics"], result["gate"], model.summary)
+    if plots:
+        reports.write_plots(out, plots)
     return result["gate"], record
 
 
@@ -133,10 +136,13 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True, help="model folder from components.finetune")
     parser.add_argument("--out", required=True, help="folder for metrics, gate decision and run.json")
     parser.add_argument("--headline", help="also the headline figures here (a small file git keeps: DVC's metrics)")
+    parser.add_argument("--plots", help="also what DVC's plots draw here (a folder DVC caches)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     gate, record = run(args.dataset, args.policy, args.weights, args.model, args.out, params.validation,
-                       params.registry, params.tracking, *runs.runner_identity(), headline=args.headline)
+                       params.registry, params.tracking, *runs.runner_identity(), headline=args.headline,
+                       plots=args.plots, changes=runs.experiment_changes(args.params, (*runs.TRAINING_SECTIONS,
+                                                                                        "validate")))
     skipped = (gate.get("champion") or {}).get("skipped")
     print(f"validate: {'PASSED' if gate['passed'] else 'FAILED: ' + '; '.join(gate['reasons'])}"
           f"{f' (champion: {skipped})' if skipped else ''}; MLflow run {record.run_id} ({record.run_name})")

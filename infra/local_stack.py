@@ -111,21 +111,38 @@ def start_mlflow(home: Path, port: int, artifacts: str = "", env: dict[str, str]
             pass
         if proc.poll() is not None or time.time() > deadline:
             stop(proc.pid)
-            raise RuntimeError(f"mlflow server did not start; see {home / 'mlflow.log'}")
+            why = "exited" if proc.poll() is not None else "no answer on /health in 90 s"
+            raise RuntimeError(f"mlflow server did not start ({why}): {_last_line(home / 'mlflow.log')}; "
+                               f"see {home / 'mlflow.log'}")
         time.sleep(0.5)
+
+
+def _last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "nothing in its log"
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def free_port() -> int:
     """A free port on loopback, below 55536: SeaweedFS derives gRPC ports as port + 10000."""
+    return free_ports(1)
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports on loopback (the stack's block of 16, for one)."""
     while True:
         # B311: a port number, not a secret
-        port = random.randint(20000, 55000)  # nosec B311
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
+        base = random.randint(20000, 55536 - count)  # nosec B311
+        if all(_free(base + i) for i in range(count)):
+            return base
 
 
 def stop(pid: int, timeout: float = 20) -> None:
@@ -156,10 +173,14 @@ def _running(name: str) -> bool:
 def up(base_port: int) -> None:
     if _running("seaweedfs") or _running("mlflow"):
         raise SystemExit("stack: already up (make stack-down first)")
-    STACK.mkdir(exist_ok=True)
-    keys = ensure_keys(ROOT / ".env")
     ports = {name: base_port + i for i, name in enumerate(SEAWEED_PORTS)}
     mlflow_port = base_port + len(SEAWEED_PORTS)
+    taken = [str(p) for p in [*ports.values(), mlflow_port] if not _free(p)]
+    if taken:
+        raise SystemExit(f"stack: port{'s' * (len(taken) > 1)} {', '.join(taken)} of --base-port {base_port} "
+                         f"(STACK_BASE_PORT) in use: pick another base for the 16 ports")
+    STACK.mkdir(exist_ok=True)
+    keys = ensure_keys(ROOT / ".env")
     weed = start_seaweedfs(STACK / "seaweedfs", ports, keys)
     (STACK / "seaweedfs.pid").write_text(str(weed.pid))
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"

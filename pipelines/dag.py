@@ -51,6 +51,7 @@ class Step:
     demo: bool = False                  # DEMO ONLY: generated only while params.yaml has `demo`
     outs: tuple[str, ...] = ()          # DVC: what a demo stage writes (it has no artifact of the six)
     headline: str = ""                  # DVC: also its headline figures in this git-tracked file (the metrics)
+    plots: str = ""                     # DVC: also what the plots draw of its output, in this cached folder
 
 
 STEPS = (
@@ -78,7 +79,8 @@ STEPS = (
          always_changed=True, runners=("dvc",)),
     Step("validate", "components.validate", inputs=("dataset", "policy", "weights", "model"), output="reports",
          params=("validate", "register.model_name", "register.alias"), depends_on=("tracking_target",),
-         cache=False, credentials=True, headline="metrics/headline.json"),
+         cache=False, credentials=True, headline="metrics/headline.json",
+         plots="artifacts/plots"),
     Step("register", "components.register", inputs=("reports",), output="registration", params=("register",),
          cache=False, when="validate", credentials=True),
 )
@@ -90,6 +92,11 @@ def _in(artifact: str, name: str) -> str:
     return f"{ARTIFACTS[artifact]}/{name}"
 
 
+def _plotted(name: str) -> str:
+    """A reports file as DVC's plots read it: from the cached copy (Step.plots), which experiments keep."""
+    return f"{next(s.plots for s in STEPS if s.plots)}/{name}"
+
+
 # DVC metrics and plots (`dvc metrics show`, `dvc plots show`), from the artifacts above. The metrics are the
 # headline file git keeps, so every experiment commit has them (`dvc exp show`, `dvc metrics diff`).
 METRICS = tuple(s.headline for s in STEPS if s.headline)
@@ -97,10 +104,9 @@ PLOTS = (
     {"loss": {"template": "linear", "x": "epoch", "y": {_in("model", model.HISTORY): ["train_loss", "val_loss"]}}},
     {"accuracy": {"template": "linear", "x": "epoch",
                   "y": {_in("model", model.HISTORY): ["train_accuracy", "val_accuracy"]}}},
-    {"confusion": {"template": "confusion", "x": "actual", "y": {_in("reports", reports.PREDICTIONS): "predicted"}}},
-    {"calibration": {"template": "simple", "x": "confidence",
-                     "y": {_in("reports", reports.CALIBRATION): "accuracy"}}},
-    *(_in("reports", name) for _, name in reports.PICTURES),
+    {"confusion": {"template": "confusion", "x": "actual", "y": {_plotted(reports.PREDICTIONS): "predicted"}}},
+    {"calibration": {"template": "simple", "x": "confidence", "y": {_plotted(reports.CALIBRATION): "accuracy"}}},
+    *(_plotted(name) for _, name in reports.PICTURES),
     _in("policy", policy.PREVIEW),
     _in("model", model.CURVES),
 )

@@ -3,9 +3,11 @@
 Each stage depends on the files of every project module its step imports, directly or through
 other modules (imports inside functions too: they run as well), found by reading the source, so
 a change to any code a step runs reruns it. Parameters that name what a step reads (data.source,
-pretrained.uri) are dependencies while they are local paths; a remote source (s3://, a git
-repository, a torchvision:// or models:/ URI) cannot be hashed by DVC, so such a stage always runs
-and DVC skips the stages after it when its output comes out the same.
+pretrained.uri) are dependencies while they are local paths. A remote source that names fixed bytes
+(pinned by pretrained.sha256, a torchvision weights name, a registry version) reruns only when the
+parameter changes; one that can move under its name (s3://, a git repository, a registry alias,
+timm's hub) cannot be hashed by DVC, so such a stage always runs and DVC skips the stages after it
+when its output comes out the same.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from components.config import Params
+from components.models import zoo
 from pipelines.dag import ARTIFACTS, METRICS, PLOTS, UNCACHED, Step, steps_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,13 +69,26 @@ def _value(params: Params, key: str) -> str:
 
 def _local_path(params: Params, key: str) -> str | None:
     """The dependency for a path parameter: `${key}` (DVC reads params.yaml), a literal path for
-    file:// URIs, or None when the value is remote."""
+    file:// URIs and for the file of timm://<model>?weights=<file>, or None when the value is remote."""
     value = _value(params, key)
     if key == "data.source" and params.data.repo:  # a path inside another git repository
         return None
+    if key == "pretrained.uri" and value.startswith("timm://"):
+        inner = zoo.timm_weights(value)
+        return inner.removeprefix("file://") if inner and not _remote(inner) else None
     if value.startswith("file://"):
         return value.removeprefix("file://")
-    return "${" + key + "}" if value and "://" not in value else None
+    return "${" + key + "}" if value and not _remote(value) else None
+
+
+def _remote(value: str) -> bool:
+    return "://" in value or value.startswith("models:/")
+
+
+def _pinned(params: Params, key: str) -> bool:
+    """A remote pretrained.uri that names fixed bytes (components/models/zoo.py fixed_content): the stage
+    reruns when the parameter changes (DVC tracks it), never otherwise."""
+    return key == "pretrained.uri" and zoo.fixed_content(params.pretrained.uri, params.pretrained.sha256)
 
 
 def stage(step: Step, params: Params) -> dict:
@@ -81,18 +97,22 @@ def stage(step: Step, params: Params) -> dict:
         words.append(f"--out {ARTIFACTS[step.output]}")
     if step.headline:
         words.append(f"--headline {step.headline}")
+    if step.plots:
+        words.append(f"--plots {step.plots}")
     deps = import_closure(step.module) + [ARTIFACTS.get(a, a) for a in (*step.inputs, *step.depends_on)]
     always = step.always_changed
     for key in step.path_params:
         path = _local_path(params, key)
         if path:
             deps.append(path)
-        else:
+        elif not _pinned(params, key):
             always = True
     outs = list(step.outs) or [ARTIFACTS[step.output] if step.output not in UNCACHED
                                else {ARTIFACTS[step.output]: {"cache": False}}]
     if step.headline:  # git keeps it (not DVC's cache): an experiment's commit carries its figures
         outs.append({step.headline: {"cache": False}})
+    if step.plots:
+        outs.append(step.plots)
     result = {"cmd": " ".join(w for w in words if w), "deps": deps}
     if step.params:
         result["params"] = list(step.params)

@@ -155,3 +155,16 @@ def test_two_gloo_processes_fine_tune_a_timm_network_as_one_process_does(artifac
     w1, w2 = (torch.load(d / "model.pt", weights_only=True) for d in (one, two))
     assert w1["library"] == "timm" and w1["arch"] == "efficientnet_lite0"
     assert torch.allclose(w1["state_dict"]["classifier.weight"], w2["state_dict"]["classifier.weight"], atol=1e-4)
+
+
+def test_two_processes_find_the_rate_one_process_finds_and_train_with_it(artifacts, tmp_path):
+    """finetune.lr auto: each process sweeps its half of every batch and reads the mean loss, so both stop
+    at the same step (one stopping alone would leave the other waiting in a gradient reduction) and find the
+    rate one process finds on whole batches."""
+    one, _ = _run(artifacts, tmp_path, "one", 1, artifacts / "aug", lr="auto")
+    two, _ = _run(artifacts, tmp_path, "two", 2, artifacts / "aug", lr="auto")
+    f1, f2 = (json.loads((d / "summary.json").read_text())["lr_find"] for d in (one, two))
+    assert f2["steps"] == f1["steps"] and f2["suggested_lr"] == pytest.approx(f1["suggested_lr"], rel=1e-9)
+    h1, h2 = (json.loads((d / "history.json").read_text()) for d in (one, two))
+    assert [r["lr"] for r in h2] == [r["lr"] for r in h1]
+    assert [r["val_loss"] for r in h2] == pytest.approx([r["val_loss"] for r in h1], rel=1e-4)

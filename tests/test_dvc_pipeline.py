@@ -64,6 +64,7 @@ def test_fresh_clone_make_run_leaves_a_finished_run_and_a_champion_and_a_second_
     champion = client.get_model_version_by_alias(MODEL, "champion")
     run = client.get_run(champion.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["gate_passed"] == "true"
+    assert run.data.tags["diagnosis"] == "healthy" and "finetune: diagnosis: healthy" in first
     assert run.info.run_name.endswith("resnet18 → digits-5-9")
     # live: the run opened when training started, each epoch logged when it ended, with its own timestamp
     history = client.get_metric_history(run.info.run_id, "val_loss")
@@ -80,6 +81,11 @@ def test_fresh_clone_make_run_leaves_a_finished_run_and_a_champion_and_a_second_
     assert _ran(second) == ["tracking"]  # resolves where runs go; nothing else has changed
     assert len(client.search_runs([run.info.experiment_id])) == 1
     print(f"\nfresh clone: first `make run` {first_s:.1f} s, second (nothing changed) {second_s:.1f} s")
+
+    # the README's range test on what the run fetched and prepared: a rate, and its plot
+    found = _run(["make", "lr-find", f"VENV={Path(sys.executable).parent.parent}"], clone)
+    assert re.search(r"suggested finetune\.lr \d", found) and (clone / "lr_find.png").stat().st_size > 10_000
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # it trains nothing and logs nothing
 
     # the MLflow UI shows the run and the champion (infra/mlflow_screenshot.py, headless Chromium)
     shots = tmp_path / "screenshots"
@@ -193,9 +199,11 @@ def test_dvc_experiments_in_temporary_copies_log_to_the_workspace_store_and_see_
 
     new = [r for r in client.search_runs([experiment]) if r.info.run_id not in before]
     assert sorted(r.data.tags["dvc_experiment"] for r in new) == ["queued-lr", "temp-lr"]
+    # each named by the experiment, then what it changed from the baseline commit
+    assert sorted(r.info.run_name for r in new) == ["queued-lr lr=0.004 · resnet18 → digits-5-9",
+                                                    "temp-lr lr=0.003 · resnet18 → digits-5-9"]
     for run in new:
-        assert run.info.status == "FINISHED" and run.info.run_name.startswith(run.data.tags["dvc_experiment"])
-        assert "lr=0.00" in run.info.run_name
+        assert run.info.status == "FINISHED"
         assert "accuracy_difference_lower_bound" in run.data.metrics  # compared with the workspace's champion
         assert Path(run.info.artifact_uri.removeprefix("file://")).is_dir()  # artifacts outlive the temp copy
     assert int(client.get_model_version_by_alias(MODEL, "challenger").version) > int(champion)
@@ -224,3 +232,21 @@ def test_dvc_experiments_in_temporary_copies_log_to_the_workspace_store_and_see_
         assert 0 <= headlines[name]["test_accuracy"] <= 1 and headlines[name]["best_epoch"] >= 1
         assert isinstance(headlines[name]["gate_passed"], bool) and headlines[name]["compared_with"].startswith("v")
     assert "test_accuracy" in _run(["dvc", "metrics", "diff", "temp-lr", "queued-lr"], repo)
+    # and every plot of both, the validation plots too (their copy is in DVC's cache, named by each dvc.lock)
+    done = subprocess.run(["dvc", "plots", "diff", "temp-lr", "queued-lr", "--json"], cwd=repo, env=_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert not shown.get("errors"), shown["errors"]
+    drawn = {plot: {rev for entry in entries for rev in entry.get("revisions", [])}
+             for plot, entries in shown["data"].items()}
+    plots = yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
+    expected = [next(iter(p)) if isinstance(p, dict) else p for p in plots]
+    # the MLflow compare view of the two newest runs, as `make screenshot` takes it, shows the headline metric
+    shots = repo / "screenshots"
+    out = _run([sys.executable, str(ROOT / "infra" / "mlflow_screenshot.py"), "--store", str(repo / "mlflow.db"),
+                "--out", str(shots)], repo)
+    assert re.search(r"compare\.png: \S+compare-runs\S+ shows 'test_accuracy'", out), out
+    assert (shots / "compare.png").stat().st_size > 50_000
+    assert len(expected) == 9 and {p: drawn.get(p) for p in expected} == {p: {"temp-lr", "queued-lr"}
+                                                                           for p in expected}, drawn

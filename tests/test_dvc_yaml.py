@@ -1,5 +1,6 @@
 """dvc.yaml is derived from pipelines/dag.py and params.yaml: current, complete in its code deps."""
 
+import pytest
 import yaml
 
 from components.config import override
@@ -76,7 +77,7 @@ def test_local_sources_are_dependencies_and_remote_ones_make_the_stage_always_ru
 
     remote = _stages(PARAMS.model_copy(update={
         "data": override(PARAMS.data, source="s3://photos/2026"),
-        "pretrained": override(PARAMS.pretrained, uri="torchvision://resnet50?weights=IMAGENET1K_V2", arch="resnet50"),
+        "pretrained": override(PARAMS.pretrained, uri="s3://zoo/resnet50.pt", sha256="", arch="resnet50"),
         "demo": None}))
     assert remote["data"]["always_changed"] and not any("$" in d for d in remote["data"]["deps"])
     assert remote["fetch_pretrained"]["always_changed"]
@@ -86,11 +87,34 @@ def test_local_sources_are_dependencies_and_remote_ones_make_the_stage_always_ru
     assert in_git["data"]["always_changed"]  # a path inside another repository: DVC cannot hash it here
 
 
+@pytest.mark.parametrize("uri, sha256, arch, library, dep, always", [
+    ("torchvision://resnet50?weights=IMAGENET1K_V2", "", "resnet50", "torchvision", None, False),
+    ("https://host/w.pt", "ab" * 32, "resnet18", "torchvision", None, False),
+    ("s3://zoo/w.pt", "ab" * 32, "resnet18", "torchvision", None, False),
+    ("s3://zoo/w.pt", "", "resnet18", "torchvision", None, True),
+    ("models:/zoo/3", "", "resnet18", "torchvision", None, False),
+    ("models:/zoo@champion", "", "resnet18", "torchvision", None, True),
+    ("timm://efficientnet_b0?weights=zoo/b0.pt", "", "efficientnet_b0", "timm", "zoo/b0.pt", False),
+    ("timm://efficientnet_b0?weights=models:/zoo/2", "", "efficientnet_b0", "timm", None, False),
+    ("timm://efficientnet_b0", "", "efficientnet_b0", "timm", None, True),
+], ids=["torchvision", "https-pinned", "s3-pinned", "s3-key", "registry-version", "registry-alias",
+        "timm-file", "timm-registry-version", "timm-hub"])
+def test_pinned_weights_rerun_only_when_the_parameter_changes_and_moving_ones_always(uri, sha256, arch, library,
+                                                                                    dep, always):
+    stage = _stages(PARAMS.model_copy(update={"pretrained": override(
+        PARAMS.pretrained, uri=uri, sha256=sha256, arch=arch, library=library)}))["fetch_pretrained"]
+    assert stage.get("always_changed", False) is always
+    assert "pretrained" in stage["params"]  # a changed URI or pin reruns it
+    own = [d for d in stage["deps"] if not d.startswith(("components/", "demo/"))]
+    assert own == ([dep] if dep else [])  # never a URI DVC would look for on disk
+
+
 def test_outputs_that_name_mlflow_runs_are_not_cached_and_the_tracking_target_always_resolves():
     stages = _stages()
-    # and the headline figures, kept by git rather than DVC's cache, so experiment commits carry them
+    # and the headline figures, kept by git rather than DVC's cache, so experiment commits carry them; what the
+    # plots draw of the reports is copied to a cached folder, which each experiment's dvc.lock names
     assert stages["validate"]["outs"] == [{"artifacts/validate": {"cache": False}},
-                                          {"metrics/headline.json": {"cache": False}}]
+                                          {"metrics/headline.json": {"cache": False}}, "artifacts/plots"]
     assert stages["register"]["outs"] == [{"artifacts/registration.json": {"cache": False}}]
     assert stages["tracking"]["always_changed"] and "artifacts/tracking.json" in stages["validate"]["deps"]
     assert "artifacts/tracking.json" not in stages["finetune"]["deps"]  # a new store never retrains

@@ -75,10 +75,12 @@ def test_the_reported_best_epoch_is_the_saved_epoch_when_a_later_epoch_improves_
     history = json.loads((tmp_path / "free" / "history.json").read_text())
     lowest = min(history, key=lambda r: r["val_loss"])
     assert lowest["epoch"] > 1 and free["best_epoch"] == lowest["epoch"]
-    # A min_delta larger than the lowest epoch's improvement: the same training (patience covers every
-    # epoch), but the lowest loss no longer counts as an improvement, so another epoch is the best.
-    before = min(r["val_loss"] for r in history if r["epoch"] < lowest["epoch"])
-    min_delta = 2 * (before - lowest["val_loss"])
+    # The smallest min_delta under which the lowest epoch no longer counts as best: the same training
+    # (patience covers every epoch), but some improvement is now smaller than min_delta. Candidates lie
+    # midway between the improvements one epoch makes over another, so no comparison is a near tie.
+    gaps = sorted({a["val_loss"] - b["val_loss"] for a in history for b in history if a["val_loss"] > b["val_loss"]})
+    candidates = [(lo + hi) / 2 for lo, hi in zip(gaps, gaps[1:] + [2 * gaps[-1]])]
+    min_delta = next(d for d in candidates if _best_by_definition(history, d) != lowest["epoch"])
     summary = finetune(artifacts / "data", artifacts / "aug", artifacts / "pre", tmp_path / "strict",
                        cfg.model_copy(update={"min_delta": min_delta}))
     expected = _best_by_definition(history, min_delta)

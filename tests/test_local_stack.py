@@ -1,6 +1,7 @@
 """`make stack`: the local SeaweedFS and MLflow servers come up with keys from .env and go down again."""
 
 import os
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -8,7 +9,8 @@ import urllib.request
 import boto3
 import pytest
 
-from helpers import ROOT, free_port
+from helpers import ROOT
+from local_stack import free_ports
 
 
 LOG_A_RUN = """
@@ -23,16 +25,20 @@ print(run.info.run_id)
 """
 
 
-@pytest.mark.e2e
-def test_stack_comes_up_with_keys_from_dot_env_and_goes_down(tmp_path):
-    # A copy of the parts the stack needs, so the real .env, .stack and .dvc/config.local stay untouched.
+def _copy(tmp_path):
+    """A copy of the parts the stack needs, so the real .env, .stack and .dvc/config.local stay untouched."""
     repo = tmp_path / "repo"
     (repo / "infra").mkdir(parents=True)
     (repo / "infra" / "local_stack.py").write_text((ROOT / "infra" / "local_stack.py").read_text())
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     subprocess.run([os.path.join(os.path.dirname(sys.executable), "dvc"), "init", "-q"], cwd=repo, check=True)
-    base = free_port() // 100 * 100 % 50000 + 2000  # 16 consecutive ports below 55536
-    script = [sys.executable, str(repo / "infra" / "local_stack.py")]
+    return repo, [sys.executable, str(repo / "infra" / "local_stack.py")]
+
+
+@pytest.mark.e2e
+def test_stack_comes_up_with_keys_from_dot_env_and_goes_down(tmp_path):
+    repo, script = _copy(tmp_path)
+    base = free_ports(16)
     up = subprocess.run([*script, "up", "--base-port", str(base)], cwd=repo, capture_output=True, text=True)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -61,3 +67,16 @@ def test_stack_comes_up_with_keys_from_dot_env_and_goes_down(tmp_path):
     assert not (repo / ".stack" / "mlflow.pid").exists()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{base + 15}/health", timeout=2)
+
+
+def test_a_port_of_the_block_in_use_is_named_before_anything_starts_or_is_written(tmp_path):
+    repo, script = _copy(tmp_path)
+    base = free_ports(16)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", base + 15))  # MLflow's port
+        busy.listen()
+        up = subprocess.run([*script, "up", "--base-port", str(base)], cwd=repo, capture_output=True, text=True)
+    assert up.returncode == 1
+    assert up.stderr.strip() == (f"stack: port {base + 15} of --base-port {base} (STACK_BASE_PORT) in use: "
+                                 "pick another base for the 16 ports")
+    assert not (repo / ".env").exists() and not (repo / ".stack").exists()

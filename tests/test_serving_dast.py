@@ -6,6 +6,7 @@ still answer good requests afterwards, and its peak memory must stay under PEAK_
 
 from __future__ import annotations
 
+import ast
 import base64
 import io
 import json
@@ -143,6 +144,9 @@ def test_hostile_requests_get_a_clear_4xx_in_time_and_the_server_lives_in_bounde
         "thousands of rows": (_body([tiny] * 5000), f"5000 images in one request; at most {serving.MAX_ROWS}"),
         "empty request": (_body([]), ""),
         "not JSON": (b"{" * 100_000, ""),
+        "not an image, inputs form": (json.dumps({"inputs": {"image": [base64.b64encode(photo[:200] + b"x" * 12000)
+                                                                       .decode()]}}).encode(),
+                                      "image 0: truncated or corrupt image data"),
     }
     answers = {}
     for kind, (body, expected) in hostile.items():
@@ -150,6 +154,8 @@ def test_hostile_requests_get_a_clear_4xx_in_time_and_the_server_lives_in_bounde
         answers[kind] = (status, seconds, text[:300])
         assert 400 <= status < 500, f"{kind}: {status} {text[:500]}"
         assert expected in text, f"{kind}: {text[:500]}"
+        if expected:  # the model's refusals: one line, not the request back (MLflow's own JSON error echoes it)
+            assert len(text) < 1000, f"{kind}: {len(text)} characters: {text[:500]}"
         assert seconds < TIME_LIMIT_S, f"{kind}: answered in {seconds:.1f} s"
         assert proc.poll() is None, f"server died on: {kind}"
     status, text, _ = _post(url, tiny, content_type="image/png")
@@ -176,29 +182,44 @@ def test_limits_apply_in_process_too():
     assert chunks == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]  # CHUNK_PIXELS = 50 Mpx decoded at a time
 
 
-def _readme_serve_commands() -> list[str]:
-    """The README's "Serve the champion" shell block, one command per entry (continuations joined)."""
+def _readme_serve_section() -> tuple[list[str], str]:
+    """The README's "Serve the champion" shell block, one command per entry (continuations joined), and its
+    Python client."""
     from helpers import ROOT
 
-    text = (ROOT / "README.md").read_text()
-    block = text.split("<!-- serve:", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
-    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    text = (ROOT / "README.md").read_text().split("<!-- serve:", 1)[1]
+    block = text.split("```sh\n", 1)[1].split("```", 1)[0]
+    client = text.split("```python\n", 1)[1].split("```", 1)[0]
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()], client
 
 
 @pytest.mark.e2e
-def test_the_readmes_serve_commands_answer_with_the_class_of_the_image(trained, tmp_path):
-    """The two commands as written (the store, the port and the image file put where they say), against the
-    champion registered under the README's name: the class the model gives the image in-process comes back."""
+def test_the_readmes_serve_commands_answer_a_real_photograph_with_its_class(imagenet_zoo, tmp_path):
+    """The commands and the Python client as written (the store, the port and the image file put where they
+    say), against a champion registered under the README's name: real ImageNet weights (efficientnet_lite0,
+    pipelines/imagenet_zoo.py) and a real photograph (scikit-image's cat) put at the README's image path.
+    The class the model gives it in-process comes back, and it is a cat."""
+    import skimage.data
+    import torch
+
+    from components.artifacts import checkpoint
     from local_stack import stop
 
-    serve_cmd, curl_cmd = _readme_serve_commands()
+    (activate, serve_cmd, curl_cmd), client = _readme_serve_section()
+    assert activate == ". .venv/bin/activate"
     model_name = serve_cmd.split('models:/', 1)[1].split("@", 1)[0]
     image_path = curl_cmd.split("base64 -w0 ", 1)[1].split(")", 1)[0]
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(store)
-    examples = [p for p, *_ in dataset.images(trained / "data", "test")]
+    zoo = torch.load(imagenet_zoo, map_location="cpu", weights_only=True)
+    model_file = tmp_path / "model.pt"  # the zoo's network as a fine-tune writes one: with its preprocessing
+    checkpoint.save(checkpoint.Checkpoint(zoo["arch"], zoo["class_names"], zoo["state_dict"],
+                                          {"image_size": 224, "mean": [0.485, 0.456, 0.406],
+                                           "std": [0.229, 0.224, 0.225]}, library=zoo["library"]), model_file)
+    photo = io.BytesIO()
+    Image.fromarray(skimage.data.chelsea()).save(photo, format="JPEG", quality=90)
     with mlflow.start_run():
-        info = serving.log_model(trained / "model" / "model.pt", [examples[0].read_bytes()])
+        info = serving.log_model(model_file, [photo.getvalue()])
     version = mlflow.register_model(info.model_uri, model_name).version
     mlflow.MlflowClient().set_registered_model_alias(model_name, "champion", version)
     model = mlflow.pyfunc.load_model(info.model_uri)
@@ -206,15 +227,20 @@ def test_the_readmes_serve_commands_answer_with_the_class_of_the_image(trained, 
     assert all("==" in r for r in serving.requirements())
     work = tmp_path / "work"  # the project as the README assumes it: .venv here, the image at its path
     (work / image_path).parent.mkdir(parents=True)
-    (work / image_path).write_bytes(examples[0].read_bytes())
+    (work / image_path).write_bytes(photo.getvalue())  # a JPEG where the README's command reads its image
     (work / ".venv").symlink_to(Path(sys.executable).parent.parent)
-    expected = model.predict(__import__("pandas").DataFrame({"image": [examples[0].read_bytes()]}))["label"][0]
+    expected = model.predict(__import__("pandas").DataFrame({"image": [photo.getvalue()]}))["label"][0]
+    assert expected in ("tabby", "tiger cat", "Egyptian cat")
     port = str(free_port())
     serve_line = serve_cmd.removesuffix("&").replace("sqlite:///mlflow.db", store).replace("5001", port)
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(["bash", "-c", f"exec env {serve_line}"], cwd=work, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True,
-                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    # a user's shell: no virtualenv on PATH until the README's first line activates it
+    venv_bin = str(Path(sys.executable).parent)
+    user_path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if d != venv_bin)
+    user_env = {**{k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "MLFLOW_TRACKING_URI")},
+                "PATH": user_path}
+    proc = subprocess.Popen(["bash", "-c", f"{activate} && exec env {serve_line}"], cwd=work, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, env=user_env)
     try:
         _wait_until_serving(f"http://127.0.0.1:{port}", proc, tmp_path / "serve.log")
         answer = subprocess.run(["bash", "-c", curl_cmd.replace("5001", port)], cwd=work, capture_output=True,
@@ -222,6 +248,10 @@ def test_the_readmes_serve_commands_answer_with_the_class_of_the_image(trained, 
         predictions = json.loads(answer.stdout)["predictions"]
         assert [p["label"] for p in predictions] == [expected], answer.stdout
         assert 0 < predictions[0]["confidence"] <= 1
+        printed = subprocess.run([sys.executable, "-c", client.replace("5001", port)], cwd=work, capture_output=True,
+                                 text=True, timeout=60)
+        assert printed.returncode == 0, printed.stderr
+        assert [p["label"] for p in ast.literal_eval(printed.stdout)] == [expected]  # the Python client too
     finally:
         stop(proc.pid)
         proc.wait()

@@ -124,6 +124,52 @@ def test_bf16_training_stays_within_its_tolerance(artifacts, tmp_path):
     assert decided.sum() > 0.8 * len(images) and torch.equal(p16.argmax(1)[decided], p32.argmax(1)[decided])
 
 
+def _poison(monkeypatch, when):
+    """The output layer's result turned to NaN on the training forward passes `when(call, autocast)` picks:
+    a bf16 kernel's occasional NaN, made to order."""
+    from components.training import loop
+
+    calls = []
+    real = loop.Feed.__init__
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        head = [m for m in self.net.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+        def hook(module, inputs, output):
+            if module.training:
+                calls.append(torch.is_autocast_enabled("cpu"))
+                if when(len(calls), calls[-1]):
+                    return output * float("nan")
+        head.register_forward_hook(hook)
+    monkeypatch.setattr(loop.Feed, "__init__", init)
+    return calls
+
+
+def test_a_bf16_step_that_is_not_finite_is_done_again_in_fp32_and_training_goes_on(artifacts, tmp_path, monkeypatch,
+                                                                                    capfd):
+    augment(artifacts / "data", tmp_path / "still", policy_cfg(**STILL))
+    clean, _ = _train(artifacts, tmp_path, "clean", prefix_cache=False, precision="bf16")
+    calls = _poison(monkeypatch, lambda call, autocast: call == 6)  # epoch 2's third step (3 a epoch)
+    redone, _ = _train(artifacts, tmp_path, "redone", prefix_cache=False, precision="bf16")
+    assert calls[5:8] == [True, False, True]  # the poisoned step again without autocast, then bf16 again
+    assert [r["redone_in_fp32"] for r in redone] == [0, 1, 1] and "redone_in_fp32" in clean[0]
+    assert "epoch 2: bf16 gave a result that was not finite; that step was done again in fp32 (1 so far)" in \
+        capfd.readouterr().err
+    # one step in fp32 instead of bf16: the run within bf16's own tolerance of the clean one
+    assert [r["val_loss"] for r in redone] == pytest.approx([r["val_loss"] for r in clean], rel=2e-2)
+
+
+def test_a_step_that_stays_not_finite_in_fp32_stops_the_run_as_divergence_does(artifacts, tmp_path, monkeypatch):
+    from components.training.loop import TrainingError
+
+    augment(artifacts / "data", tmp_path / "still", policy_cfg(**STILL))
+    _poison(monkeypatch, lambda call, autocast: call >= 6)
+    with pytest.raises(TrainingError, match=r"epoch 2, batch 3: training loss is nan: training diverged"):
+        _train(artifacts, tmp_path, "bad", prefix_cache=False, precision="bf16")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_auto_precision_is_fp32_on_a_cpu_and_bf16_only_on_request():
     assert precision("fp32", "cpu") == "fp32" and precision("bf16", "cpu") == "bf16"
     assert precision("auto", "cpu") == "fp32"  # whatever the CPU: see distributed.precision for why

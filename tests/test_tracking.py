@@ -171,3 +171,40 @@ def test_two_pipelines_starting_on_a_new_sqlite_store_at_once_both_get_it(tmp_pa
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
         results = [p.communicate(timeout=120) for p in procs]
         assert [p.returncode for p in procs] == [0, 0], [err[-800:] for _, err in results]
+
+
+def test_a_run_is_named_by_what_differs_from_the_previous_run_of_its_model(artifacts):
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    cfg = tracking_cfg("naming-tests")
+
+    def name(pipeline_run_id, **changes):
+        summary = finetune_step.run(artifacts / "data", artifacts / "aug", artifacts / "pre", artifacts / "named",
+                                    finetune_cfg(**{"max_epochs": 1, "batch_size": 16, **changes}), cfg, "test",
+                                    pipeline_run_id)
+        return client.get_run(summary["run_id"]).info.run_name
+
+    first = name("run-aaaaaaaa")
+    assert first.startswith("aaaaaaaa · resnet18 → ")  # nothing to differ from: a short unique id
+    assert name("run-bbbbbbbb", lr=0.003).startswith("lr=0.003 · resnet18")  # what changed since the last
+    assert name("run-cccccccc", lr=0.003).startswith("cccccccc · ")  # the same again: nothing differs
+    assert name("run-dddddddd", lr=0.01, momentum=0.5, batch_size=8, patience=2, max_epochs=2).startswith(
+        "lr=0.01, momentum=0.5, batch_size=8 +2 · ")  # the first three, and how many more
+
+
+def test_in_a_dvc_experiment_the_names_changes_are_from_its_baseline_commit(tmp_path, monkeypatch):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"finetune": {"lr": 0.01, "epochs": 5}, "validate": {"min_accuracy": 0.5}}))
+    subprocess.run(["git", "-C", str(tmp_path), "add", "params.yaml"], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"],
+                   check=True)
+    baseline = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    params.write_text(yaml.safe_dump({"finetune": {"lr": 0.003, "epochs": 5}, "validate": {"min_accuracy": 0.9}}))
+    monkeypatch.chdir(tmp_path)
+    from components.tracking import runs
+
+    assert runs.experiment_changes(params) is None  # not in an experiment: named against the previous run
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", baseline)
+    assert runs.experiment_changes(params) == ["lr=0.003"]
+    assert runs.experiment_changes(params, (*runs.TRAINING_SECTIONS, "validate")) == ["lr=0.003", "min_accuracy=0.9"]

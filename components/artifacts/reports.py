@@ -6,18 +6,20 @@
     confusion_matrix.png, reliability.png, misclassified.png
     run.json              the MLflow run holding the validated model (components/artifacts/run_record.py)
 
-and, where DVC asks for it, the headline figures in a git-tracked file (write_headline).
+and, where DVC asks for it, the headline figures in a git-tracked file (write_headline) and a copy of
+what its plots draw in a folder DVC caches (write_plots).
 """
 
 from __future__ import annotations
 
 import csv
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from components.artifacts import run_record
 from components.artifacts.run_record import RunRecord
-from components.storage.atomic import drafted, read_json, write_csv, write_json
+from components.storage.atomic import atomic_dir, drafted, read_json, write_csv, write_json
 
 METRICS, GATE = "metrics.json", "gate.json"
 PER_CLASS, PREDICTIONS, CALIBRATION = "per_class.csv", "predictions.csv", "calibration.csv"
@@ -61,6 +63,18 @@ def write_headline(path: str | Path, metrics: dict, gate: dict, training: dict) 
         "gate_passed": bool(gate["passed"]),
         "compared_with": f"v{champion['champion_version']}" if champion.get("status") == "compared"
         else champion.get("status", "none")})
+
+
+PLOTTED = (PREDICTIONS, CALIBRATION, *(name for _, name in PICTURES))
+
+
+def write_plots(folder: str | Path, out: str | Path) -> None:
+    """The tables and pictures DVC's plots draw, copied from the reports at `folder` to `out`, a folder DVC
+    caches: an experiment's dvc.lock names them, so `dvc plots diff` of two experiments draws every plot.
+    (The reports folder itself names this workspace's MLflow run, so DVC does not cache it.)"""
+    with atomic_dir(out) as tmp:
+        for name in PLOTTED:
+            shutil.copy2(Path(folder) / name, tmp / name)
 
 
 def publish(out: str | Path):

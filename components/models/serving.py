@@ -9,6 +9,8 @@ the evaluated one saw. The weights travel as the checkpoint (loaded with weights
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
 
 import mlflow
@@ -32,23 +34,54 @@ MAX_REQUEST_PIXELS = 200_000_000        # all images of one request
 CHUNK_PIXELS = 50_000_000               # decoded at a time
 
 
-def _invalid(message: str):
-    from mlflow.exceptions import MlflowException
+class RequestError(mlflow.exceptions.MlflowException):
+    """A request the model refuses: HTTP 400 from the scoring server, with our one line as its message.
+    The server puts the whole request in front of a prediction's error (mlflow 3.17.2,
+    pyfunc/scoring_server/__init__.py:361: `Failed to predict data '{data}'. \nError: ...`): a 12 kB
+    image echoed back, or more. That prefix is dropped when the server sets it."""
+
+    ECHO = "Failed to predict data "
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        self._message = value.rpartition("\nError: ")[2] if value.startswith(self.ECHO) else value
+
+
+def _invalid(message: str) -> RequestError:
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)  # HTTP 400 from the scoring server
+    return RequestError(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _unwrapped(value):
+    """An image as the request held it. The scoring server decodes base64 for the `dataframe_split` and
+    `dataframe_records` forms but passes `inputs` and `instances` through as the base64 text: decode it here.
+    (Encoded images are never valid base64 themselves: PNG, JPEG, GIF, WebP headers hold other bytes.)"""
+    if isinstance(value, str):
+        value = value.encode("ascii", "replace")
+    if not isinstance(value, (bytes, bytearray, np.bytes_)):
+        return value
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return bytes(value)
 
 
 def _rows(model_input) -> list:
     """The request's images, checked against the limits above; raises a 400-kind error saying which."""
     from components.storage.images import declared_size
 
-    if hasattr(model_input, "columns"):  # pandas DataFrame from pyfunc / model serving
-        if "image" not in model_input.columns:
-            raise _invalid(f"expected a column 'image' of encoded image bytes, got {list(model_input.columns)}")
-        values = list(model_input["image"])
+    if hasattr(model_input, "columns") or isinstance(model_input, dict):  # a DataFrame, or `inputs` by column
+        columns = list(model_input.columns if hasattr(model_input, "columns") else model_input)
+        if "image" not in columns:
+            raise _invalid(f"expected a column 'image' of encoded image bytes, got {columns}")
+        values = [_unwrapped(v) for v in model_input["image"]]
     else:
-        values = list(model_input)
+        values = [_unwrapped(v) for v in model_input]
     if not values:
         raise _invalid("no images in the request")
     if len(values) > MAX_ROWS:

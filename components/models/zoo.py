@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -320,6 +321,20 @@ def _redacted_errors(fn):
 
 
 @_redacted_errors
+def timm_weights(uri: str) -> str:
+    """The URI inside timm://<model>?weights=<uri>, or "" (timm's hub weights, or not a timm:// URI)."""
+    return parse_qs(urlparse(uri).query).get("weights", [""])[0] if uri.startswith("timm://") else ""
+
+
+def fixed_content(uri: str, sha256: str = "") -> bool:
+    """Whether `uri` can only ever fetch the same bytes, known without asking anyone: a pin (fetch refuses
+    other bytes), a torchvision weights name (its file name carries the hash) or a registry version number
+    (immutable), also inside timm://<model>?weights=; not an S3 key, a registry alias or timm's hub, whose
+    content can move under the same name (pin() asks those what they hold now)."""
+    inner = timm_weights(uri) or uri
+    return bool(sha256) or inner.startswith("torchvision://") or re.fullmatch(r"models:/[^/@]+/\d+", inner) is not None
+
+
 def pin(uri: str, arch: str, sha256: str = "") -> tuple[str, str]:
     """The immutable URI to fetch and what identifies its content, without downloading it: a
     registry alias becomes its version (and that version's weights digest), an S3 object its ETag,
@@ -329,9 +344,9 @@ def pin(uri: str, arch: str, sha256: str = "") -> tuple[str, str]:
         return uri, f"sha256:{sha256}"
     if uri.startswith("torchvision://"):
         return uri, uri
-    if uri.startswith("timm://") and "weights=" in uri:
+    if timm_weights(uri):
         parsed = urlparse(uri)
-        inner, content = pin(parse_qs(parsed.query)["weights"][0], arch)
+        inner, content = pin(timm_weights(uri), arch)
         return f"timm://{parsed.netloc}{parsed.path}?weights={inner}", content
     if uri.startswith("https://"):
         raise FetchError(f"pretrained.sha256: required for {uri}: an https:// download is trusted only when pinned")

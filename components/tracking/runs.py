@@ -66,23 +66,44 @@ def git_state() -> dict[str, str]:
     return {"git_commit": commit.strip(), "git_dirty": str(bool(dirty.strip())).lower()}
 
 
-def changed_params(params_file: str | os.PathLike = "params.yaml") -> list[str]:
-    """`key=value` for each training parameter that `params_file` sets differently from its
-    committed version (a `dvc exp run -S` override, an edit not committed yet); empty outside git."""
+def _shown(key: str, value) -> str:
+    shown = json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else value
+    return redact(f"{key}={shown}")  # run names show them: no credentials
+
+
+def experiment_changes(params_file: str | os.PathLike = "params.yaml",
+                       sections: tuple[str, ...] = TRAINING_SECTIONS) -> list[str] | None:
+    """In a DVC experiment: `key=value` for each parameter of `sections` that `params_file` sets differently
+    from the experiment's baseline commit ($DVC_EXP_BASELINE_REV: `-S` overrides, uncommitted edits).
+    None outside one (the run is named against the previous run instead: previous_run_changes)."""
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV")
+    if not baseline:
+        return None
     try:
-        committed = yaml.safe_load(subprocess.run(["git", "show", f"HEAD:{Path(params_file).as_posix()}"],
+        committed = yaml.safe_load(subprocess.run(["git", "show", f"{baseline}:./{Path(os.path.relpath(params_file)).as_posix()}"],
                                                   capture_output=True, text=True, check=True).stdout) or {}
         current = yaml.safe_load(Path(params_file).read_text()) or {}
     except (OSError, subprocess.CalledProcessError, yaml.YAMLError):
         return []
     changes = []
-    for section in TRAINING_SECTIONS:
+    for section in sections:
         before = committed.get(section) or {}
-        for key, value in (current.get(section) or {}).items():
-            if before.get(key) != value:
-                shown = json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else value
-                changes.append(redact(f"{key}={shown}"))  # run names show them: no credentials
+        changes += [_shown(key, value) for key, value in (current.get(section) or {}).items()
+                    if before.get(key) != value]
     return changes
+
+
+def previous_run_changes(mlflow_client, exp: str, params: dict[str, str]) -> list[str]:
+    """`key=value` for each training parameter that differs from the latest run of the same architecture in
+    the experiment (what a plain `make run` changed since the last one); empty for the first."""
+    arch = params.get("pretrained.arch", "").replace("'", "")
+    previous = mlflow_client.search_runs([exp], f"params.`pretrained.arch` = '{arch}'",
+                                         order_by=["attributes.start_time DESC"], max_results=1)
+    if not previous:
+        return []
+    before = previous[0].data.params
+    return [_shown(key.split(".", 1)[1], value) for key, value in params.items()
+            if key != "pretrained.sha256" and before.get(key) != value]  # the uri says which weights
 
 
 def run_name(params: dict[str, str], changes: list[str], unique: str) -> str:
@@ -142,6 +163,9 @@ def log_training_outputs(summary: dict, files: list[Path]) -> None:
                         "trainable_parameters": summary["parameters"]["trainable"],
                         "training_seconds": summary["training_seconds"]})
     mlflow.set_tag("weights_sha256", summary["weights_sha256"])
+    if summary.get("diagnosis"):  # searchable: tags.diagnosis LIKE '%overfitting%'
+        mlflow.set_tag("diagnosis", summary["diagnosis"]["tag"])
+        mlflow.log_text(summary["diagnosis"]["report"], "finetune/diagnosis.md")
     for path in files:
         mlflow.log_artifact(str(path), artifact_path="finetune")
 
@@ -149,16 +173,46 @@ def log_training_outputs(summary: dict, files: list[Path]) -> None:
 # ---- the live run of a fine-tune ----------------------------------------------------------
 
 class TrainingRun:
-    """The active run while a fine-tune trains: `log_epoch` is its per-epoch callback."""
+    """The active run while a fine-tune trains: `log_epoch` is its per-epoch callback.
 
-    def __init__(self, run_id: str, name: str):
+    The run's first metrics are its first epoch's, validation loss first: MLflow's compare view plots the
+    first metric two runs share (its parallel-coordinates default), so system metrics start after them."""
+
+    def __init__(self, run_id: str, name: str, system_metrics: bool = False, resumed: bool = False):
         self.run_id, self.name, self.last_epoch = run_id, name, None
+        self._system_metrics, self._resumed, self._monitor = system_metrics, resumed, None
 
     def log_epoch(self, row: dict) -> None:
-        metrics = {k: float(v) for k, v in row.items() if k not in EPOCH_FIELDS}
+        metrics = {k: float(v) for k, v in sorted(row.items(), key=lambda kv: kv[0] != "val_loss")
+                   if k not in EPOCH_FIELDS}
         mlflow.log_metrics(metrics, step=row["epoch"], timestamp=int(row["time"] * 1000))
         mlflow.set_tag("last_finished_epoch", str(row["epoch"]))
         self.last_epoch = row["epoch"]
+        if self._system_metrics and self._monitor is None:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL,
+                                                 resume_logging=self._resumed, tracking_uri=tracking_uri())
+            self._monitor.start()
+
+    def log_lr_finding(self, finding) -> None:
+        """The range test (finetune.lr auto): the rate it chose, its curve and plot."""
+        import tempfile
+
+        from components.training.lr_find import save_plot
+
+        mlflow.log_param("finetune.lr_found", f"{finding.suggestion:.6g}")
+        mlflow.log_metric("lr_found", finding.suggestion)
+        mlflow.log_dict({"lrs": finding.lrs, "losses": finding.losses, **finding.summary()}, "finetune/lr_find.json")
+        with tempfile.TemporaryDirectory(prefix="lr-find-") as tmp:
+            save_plot(finding, Path(tmp) / "lr_find.png")
+            mlflow.log_artifact(str(Path(tmp) / "lr_find.png"), artifact_path="finetune")
+
+    def stop(self) -> None:
+        """The system metrics' last samples logged, before the run ends."""
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
 
     def record(self) -> RunRecord:
         """What the model folder says about its run."""
@@ -190,9 +244,9 @@ def _one_line(err: BaseException) -> str:
 
 @contextlib.contextmanager
 def training_run(inputs: TrainingInputs, cfg: TrackingConfig, runner: str, pipeline_run_id: str,
-                 changes: list[str] = (), resume_run_id: str | None = None):
+                 changes: list[str] | None = None, resume_run_id: str | None = None):
     """Open (or, resuming an interrupted fine-tune, reopen) the run; yields a TrainingRun.
-    `changes` (changed_params) lead its name.
+    `changes` (experiment_changes; None: previous_run_changes) lead its name.
 
     The run ends FINISHED when the block does, FAILED with tags `error` and
     `last_finished_epoch` when it raises, KILLED on Ctrl-C or SIGTERM.
@@ -204,20 +258,21 @@ def training_run(inputs: TrainingInputs, cfg: TrackingConfig, runner: str, pipel
         with contextlib.suppress(MlflowException):
             resumable = mlflow_client.get_run(resume_run_id).info.experiment_id == exp
     params = training_params(inputs)
-    mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL)
-    mlflow.set_system_metrics_samples_before_logging(1)
     start = dict(run_id=resume_run_id) if resumable else dict(
-        experiment_id=exp, run_name=run_name(params, list(changes), pipeline_run_id[-8:]),
+        experiment_id=exp, run_name=run_name(params, previous_run_changes(mlflow_client, exp, params)
+                                             if changes is None else changes, pipeline_run_id[-8:]),
         tags=lineage_tags(inputs, params, runner, pipeline_run_id))
-    with _sigterm_as_interrupt(), mlflow.start_run(log_system_metrics=cfg.system_metrics, **start) as active:
-        live = TrainingRun(active.info.run_id, active.info.run_name)
+    with _sigterm_as_interrupt(), mlflow.start_run(log_system_metrics=False, **start) as active:
+        live = TrainingRun(active.info.run_id, active.info.run_name, cfg.system_metrics, resumable)
         if not resumable:
             log_training_inputs(inputs, params)
         elif "error" in active.data.tags:  # the interrupted attempt's error is history now
             mlflow_client.delete_tag(live.run_id, "error")
         try:
             yield live
+            live.stop()
         except BaseException as err:
+            live.stop()
             mlflow.set_tag("error", _one_line(err))
             if isinstance(err, KeyboardInterrupt):  # MLflow would call it FAILED
                 mlflow.end_run("KILLED")

@@ -40,13 +40,15 @@ def _run_to_continue(mlflow_client, model: Model, exp: str) -> str | None:
 
 
 def _replay_training(mlflow_client, exp: str, inputs: TrainingInputs, model: Model, runner: str,
-                     pipeline_run_id: str) -> str:
+                     pipeline_run_id: str, changes: list[str] | None) -> str:
     """A new run holding what the fine-tune recorded, from its files; returns its id."""
     params = training_params(inputs)
     tags = lineage_tags(inputs, params, runner, pipeline_run_id)
-    name = run_name(params, [], pipeline_run_id[-8:])
-    if model.run is not None:  # the same training, recorded again here: the same name
-        tags["trained_in_run"], name = model.run.run_id, model.run.run_name or name
+    name = run_name(params, changes or [], pipeline_run_id[-8:])
+    if model.run is not None:
+        tags["trained_in_run"] = model.run.run_id
+        if changes is None:  # the same training, recorded again here: the same name
+            name = model.run.run_name or name
     run_id = mlflow_client.create_run(exp, run_name=name, tags=tags).info.run_id
     mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), int(row["time"] * 1000), row["epoch"])
                                              for row in model.history for k, v in row.items()
@@ -58,14 +60,16 @@ def _replay_training(mlflow_client, exp: str, inputs: TrainingInputs, model: Mod
 
 
 def record_validation(inputs: TrainingInputs, model: Model, metrics: dict, gate: dict, report_files: list[Path],
-                      log_model, cfg: TrackingConfig, runner: str, pipeline_run_id: str) -> RunRecord:
+                      log_model, cfg: TrackingConfig, runner: str, pipeline_run_id: str,
+                      changes: list[str] | None = None) -> RunRecord:
     """Complete the fine-tune's run with validation (or record a new one, see the module doc); `log_model()`
-    logs the servable model into it (components/models/serving.py) and returns MLflow's ModelInfo. Returns
-    the record register registers from."""
+    logs the servable model into it (components/models/serving.py) and returns MLflow's ModelInfo. In a DVC
+    experiment, `changes` (runs.experiment_changes) name a new run. Returns the record register registers from."""
     mlflow_client = client()
     exp = experiment_id(mlflow_client, cfg.experiment)
     continued = _run_to_continue(mlflow_client, model, exp)
-    run_id = continued or _replay_training(mlflow_client, exp, inputs, model, runner, pipeline_run_id)
+    run_id = continued or _replay_training(mlflow_client, exp, inputs, model, runner, pipeline_run_id,
+                                                    changes)
     test_metrics = {"test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
                     "test_min_class_recall": metrics["min_class_recall"], "test_ece": metrics["ece"],
                     **{f"test_recall_{c}": r for c, r in metrics["per_class_recall"].items()}}

@@ -71,7 +71,8 @@ def precision(setting: str, device: str) -> str:
     (Ampere and later), else fp16; on a CPU fp32. bf16 on a CPU is there on request: on AVX-512 BF16
     without AMX it trained resnet18 at 29 img/s against fp32's 43; with AMX it was twice as fast at 224
     pixels but slower at 32 (28 against 14 and 260 against 408 img/s), and it gave a NaN loss in 1 of 15
-    runs of a small fine-tune while another bf16 training ran beside it (0 of 48 alone; fp32 never)."""
+    runs of a small fine-tune while another bf16 training ran beside it (0 of 48 alone; fp32 never): a bf16
+    step or validation whose result is not finite is done again in fp32 (components/training/loop.py)."""
     if setting == "fp16" and device != "cuda":
         raise ConfigError("finetune.precision: fp16 needs a CUDA device; on a CPU use bf16 or fp32")
     if setting != "auto":

@@ -21,7 +21,8 @@ from torch import nn
 from tqdm import tqdm
 
 from components.config import FinetuneConfig
-from components.training import distributed, prefix_cache, resume
+from components.training import distributed, lr_find, prefix_cache, resume
+from components.training.layer_stats import LayerStats
 from components.training.loaders import in_order, seeded
 from components.training.recipe import Recipe
 
@@ -74,6 +75,10 @@ class Feed:
         self.cache, suffix = prefix_cache.for_model(model, recipe, train_loader, val_loader, cfg, self.prepare,
                                                     fabric.autocast, lambda m: _say(self.rank == 0, m))
         self.net = suffix if self.cache else model  # what trains on what is fed
+        # bf16 has no loss scaler to skip a step whose gradients overflowed, and the CPU's bf16 kernels have
+        # given an occasional NaN (distributed.precision): such a step is done again in fp32.
+        self.redo_in_fp32 = distributed.precision(cfg.precision, fabric.device.type) == "bf16"
+        self.redone = 0
 
     def train(self, epoch: int):
         if self.cache:  # the suffix on this epoch's copy of the frozen prefix's features
@@ -92,10 +97,48 @@ class Feed:
             self.cache.close()
 
 
+def training_step(wrapped, optimizer, feed: Feed, x, y, loss_fn, stats: LayerStats | None = None, check=None):
+    """Forward, loss, backward, update: (loss, logits). `check(loss)` sees the loss before the update (in
+    fp32 and bf16 before backward; in bf16 after a step that was not finite was done again in fp32)."""
+    optimizer.zero_grad(set_to_none=True)
+    x = feed.prepare(x)
+    buffers = [(b, b.clone()) for b in feed.net.buffers()] if feed.redo_in_fp32 else []  # BatchNorm's statistics
+    with feed.fabric.autocast():
+        logits = wrapped(x).float()
+    loss = loss_fn(logits, y)
+    if check and not feed.redo_in_fp32:
+        check(loss.item())
+    feed.fabric.backward(loss)
+    if feed.redo_in_fp32:
+        if not _finite_gradients(optimizer):  # reduced already: every process agrees
+            optimizer.zero_grad(set_to_none=True)
+            for buffer, before in buffers:
+                buffer.copy_(before)
+            with torch.autocast(feed.fabric.device.type, enabled=False):
+                logits = wrapped._forward_module(x.float()).float()  # past Fabric's own autocast
+            loss = loss_fn(logits, y)
+            feed.fabric.backward(loss)
+            feed.redone += 1
+        if check:
+            check(loss.item())
+    if stats:
+        stats.before_step()
+    optimizer.step()
+    if stats:
+        stats.after_step()
+    return loss, logits
+
+
+def _finite_gradients(optimizer) -> bool:
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+
+
 def train_one_epoch(wrapped, optimizer, batches, feed: Feed, epoch: int, cfg: FinetuneConfig, lead: bool,
-                    time_first_step: bool = False) -> tuple[dict, float | None]:
+                    time_first_step: bool = False, stats: LayerStats | None = None) -> tuple[dict, float | None]:
     """One pass over this epoch's batches: the mean training loss and accuracy (over every process), and
-    with `time_first_step` the first step's seconds (torch.compile compiles there)."""
+    with `time_first_step` the first step's seconds (torch.compile compiles there). `stats` measures what
+    the steps do to each layer."""
     fabric, loss_fn = feed.fabric, nn.CrossEntropyLoss()
     seen = correct = 0
     total_loss, first_step = 0.0, None
@@ -103,14 +146,10 @@ def train_one_epoch(wrapped, optimizer, batches, feed: Feed, epoch: int, cfg: Fi
                disable=None if lead else True)  # batch bars on a terminal only
     for batch, (x, y) in enumerate(bar, 1):
         started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
         y = fabric.to_device(y)
-        with fabric.autocast():
-            logits = wrapped(feed.prepare(x)).float()
-        loss = loss_fn(logits, y)
-        check_finite(loss.item(), f"epoch {epoch}, batch {batch}: training loss", cfg)
-        fabric.backward(loss)
-        optimizer.step()
+        loss, logits = training_step(wrapped, optimizer, feed, x, y, loss_fn, stats,
+                                     lambda value: check_finite(value, f"epoch {epoch}, batch {batch}: training "
+                                                                       "loss", cfg))
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
@@ -127,6 +166,9 @@ def evaluate(net: nn.Module, feed: Feed) -> dict:
     """Validation loss and accuracy over the whole split (every process: the same verdict everywhere)."""
     with torch.no_grad(), feed.fabric.autocast():
         logits, y = predict(net, feed.val())
+    if feed.redo_in_fp32 and not logits.isfinite().all():  # as a training step that was not finite
+        logits, y = predict(net, feed.val())
+        feed.redone += 1
     logits, y = logits.float().cpu(), y.cpu()
     return {"val_loss": nn.CrossEntropyLoss()(logits, y).item(),
             "val_accuracy": (logits.argmax(1) == y).float().mean().item()}
@@ -146,7 +188,7 @@ def predict(net: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key: str = "",
-        on_epoch=None, fabric=None, augment=None) -> tuple[dict, list, int]:
+        on_epoch=None, fabric=None, augment=None, on_lr_found=None) -> tuple[dict, list, int]:
     """Train until max_epochs or until val loss stops improving by min_delta for `patience` epochs.
 
     With cfg.checkpoint_dir, every finished epoch is saved there and a checkpoint with the same
@@ -154,7 +196,9 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key
     epoch ends (live tracking). `fabric` (components.training.distributed.fabric_for) says where: one
     device, or one of several data-parallel processes, each training on its share of every batch (only
     rank 0 writes checkpoints and calls `on_epoch`). `augment`: the per-image training transform, when the
-    loader leaves augmentation to the device (make_loaders(augment_on_device=True)). Returns the best
+    loader leaves augmentation to the device (make_loaders(augment_on_device=True)). With finetune.lr `auto`
+    the range test (components/training/lr_find.py) sets the rate first; `on_lr_found(finding)` sees it
+    (rank 0). Each history row carries the per-layer statistics (components/training/layer_stats.py). Returns the best
     epoch's state dict (not the last one's), the per-epoch history and the best epoch.
     """
     fabric = fabric or distributed.fabric_for(cfg)
@@ -163,13 +207,16 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     model = distributed.sync_batchnorm(model, cfg, fabric)
+    find_lr = cfg.lr == "auto"
+    if find_lr:  # a rate to build the optimizer with; the range test replaces it
+        cfg = cfg.model_copy(update={"lr": lr_find.MIN_LR})
     recipe = Recipe(model, cfg, quiet=not lead)
     model.to(fabric.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     feed = Feed(model, recipe, train_loader, val_loader, cfg, fabric, augment)
     try:
-        history, stopping = _train(model, recipe, feed, cfg, run_key, on_epoch, lead)
+        history, stopping = _train(model, recipe, feed, cfg, run_key, on_epoch, lead, find_lr, on_lr_found)
     finally:
         feed.close()  # the cached features go, whatever happened
     model.cpu()
@@ -180,11 +227,49 @@ def fit(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, run_key
     return best_state, history, stopping.best_epoch
 
 
+def _find_lr(model, recipe: Recipe, feed: Feed, wrapped, optimizer, lead: bool) -> lr_find.Finding:
+    """The range test on what the first epoch trains; the rate it suggests becomes finetune.lr."""
+    loss_fn = nn.CrossEntropyLoss()
+    recipe.model.train()
+    for m in recipe.frozen_bn:
+        m.eval()
+    finding = lr_find.sweep(model, optimizer, lambda: feed.train(1),
+                            lambda x, y: training_step(wrapped, optimizer, feed, x, feed.fabric.to_device(y),
+                                                       loss_fn)[0].item(), feed.fabric)
+    if finding.suggestion is None:
+        raise TrainingError(f"finetune: finetune.lr is auto but the learning-rate range test found no rate: "
+                            f"{finding.reason}; set finetune.lr to a number")
+    recipe.set_base_lr(finding.suggestion)
+    _say(lead, f"finetune: learning-rate range test: {len(finding.lrs)} steps from {finding.lrs[0]:.0e}, "
+               f"suggested finetune.lr {finding.suggestion:.3g} (a tenth of the rate at the lowest loss)")
+    return finding
+
+
+def range_test(model: nn.Module, train_loader, val_loader, cfg: FinetuneConfig, fabric=None,
+               augment=None) -> lr_find.Finding:
+    """The learning-rate range test alone (`python -m components.finetune --lr-find`), set up as fit sets up
+    the first epoch; the model is left as it was."""
+    fabric = fabric or distributed.fabric_for(cfg)
+    torch.manual_seed(cfg.seed)
+    cfg = cfg.model_copy(update={"lr": lr_find.MIN_LR})
+    recipe = Recipe(model, cfg, quiet=fabric.global_rank != 0)
+    model.to(fabric.device)
+    feed = Feed(model, recipe, train_loader, val_loader, cfg, fabric, augment)
+    try:
+        wrapped, optimizer = fabric.setup_module(feed.net), fabric.setup_optimizers(recipe.optimizer)
+        return _find_lr(model, recipe, feed, wrapped, optimizer, fabric.global_rank == 0)
+    finally:
+        feed.close()
+
+
 def _train(model, recipe: Recipe, feed: Feed, cfg: FinetuneConfig, run_key: str, on_epoch,
-           lead: bool) -> tuple[list, EarlyStopping]:
-    fabric = feed.fabric
+           lead: bool, find_lr: bool = False, on_lr_found=None) -> tuple[list, EarlyStopping]:
+    fabric, auto = feed.fabric, find_lr
     history, stopping, first = [], EarlyStopping(cfg.patience, cfg.min_delta), 1
     saved = resume.load(cfg.checkpoint_dir, run_key, lead) if cfg.checkpoint_dir else None
+    if saved is not None and saved.get("lr_found"):  # the rate the interrupted run found, not a new one
+        recipe.set_base_lr(saved["lr_found"])
+        find_lr = False
     if saved is not None:
         for epoch in range(2, saved["epoch"] + 1):  # replay unfreezing so the optimizer groups match
             recipe.unfreeze_for(epoch)
@@ -198,6 +283,12 @@ def _train(model, recipe: Recipe, feed: Feed, cfg: FinetuneConfig, run_key: str,
 
     trained = torch.compile(feed.net) if cfg.compile else feed.net  # Fabric applies it again around DDP
     wrapped, optimizer = fabric.setup_module(trained), fabric.setup_optimizers(recipe.optimizer)
+    if find_lr and first <= cfg.max_epochs:
+        finding = _find_lr(model, recipe, feed, wrapped, optimizer, lead)
+        if on_lr_found and lead:
+            on_lr_found(finding)
+    cfg = recipe.cfg
+    stats = LayerStats(model) if lead else None
     compile_seconds = None
     stop = first > cfg.max_epochs or (history and stopping.should_stop)
     epochs = tqdm(range(first, cfg.max_epochs + 1), desc="finetune", unit="epoch", file=sys.stderr,
@@ -210,17 +301,30 @@ def _train(model, recipe: Recipe, feed: Feed, cfg: FinetuneConfig, run_key: str,
             gc.collect()
             wrapped = fabric.setup_module(trained)
         trained_row, first_step = train_one_epoch(wrapped, optimizer, feed.train(epoch), feed, epoch, cfg, lead,
-                                                  time_first_step=cfg.compile and compile_seconds is None)
+                                                  time_first_step=cfg.compile and compile_seconds is None,
+                                                  stats=stats)
         if first_step is not None:  # the first step compiles: its time, reported apart
             compile_seconds = first_step
             _say(lead, f"finetune: torch.compile: first step {compile_seconds:.1f} s (compiling included)")
         row = {"epoch": epoch, **trained_row, **evaluate(feed.net, feed),
                "lr": recipe.optimizer.param_groups[0]["lr"],
                "trainable_parameters": recipe.trainable_parameters(),
+               **(stats.epoch_metrics() if stats else {}),
+               **({"redone_in_fp32": feed.redone} if feed.redo_in_fp32 else {}),
                "time": time.time()}  # when the epoch ended: its metrics' timestamp in MLflow
         if compile_seconds is not None and not any("compile_seconds" in r for r in history):
             row["compile_seconds"] = compile_seconds
         check_finite(row["val_loss"], f"epoch {epoch}: validation loss", cfg)
+        # a layer's gradient can overflow while the loss still reads finite; rank 0 alone holds the layer
+        # statistics, so its verdict is everyone's (a process stopping alone would leave the others waiting)
+        bad = next((k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)), None)
+        if fabric.world_size > 1:
+            bad = fabric.broadcast(bad)
+        if bad:
+            check_finite(row.get(bad, math.nan), f"epoch {epoch}: {bad}", cfg)
+        if feed.redone > (history[-1].get("redone_in_fp32", 0) if history else 0):
+            _say(lead, f"finetune: epoch {epoch}: bf16 gave a result that was not finite; that step was done "
+                       f"again in fp32 ({feed.redone} so far)")
         history.append(row)
         if on_epoch and lead:
             on_epoch(row)
@@ -230,6 +334,7 @@ def _train(model, recipe: Recipe, feed: Feed, cfg: FinetuneConfig, run_key: str,
         if cfg.checkpoint_dir and lead:
             resume.save(cfg.checkpoint_dir, {"run_key": run_key, "epoch": epoch, "model": model.state_dict(),
                                              "optimizer": recipe.optimizer.state_dict(), "history": history,
+                                             "lr_found": recipe.cfg.lr if auto else None,
                                              **stopping.state(), "rng": rng})
         if fabric.broadcast(stopping.should_stop):  # rank 0 decides, so no process waits for another
             _say(lead, f"finetune: early stop after epoch {epoch}: val loss has not improved by "

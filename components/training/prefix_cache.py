@@ -48,6 +48,11 @@ def _stages(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     return out
 
 
+def stage_names(model: nn.Module) -> list[str]:
+    """The model's stages by name, in order: top-level modules, nested nn.Sequential opened up."""
+    return [name for name, _ in _stages(model)]
+
+
 class Suffix(nn.Module):
     """The model after its prefix: the remaining stages in order, flattening before the first Linear
     (what torchvision's forward does between pooling and the classifier)."""

@@ -51,6 +51,11 @@ class Recipe:
         else:
             self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
+    def set_base_lr(self, lr: float) -> None:
+        """finetune.lr as found (finetune.lr: auto): the main group's rate and unfreeze steps' default."""
+        self.cfg = self.cfg.model_copy(update={"lr": lr})
+        self.optimizer.param_groups[0].update(base_lr=lr, lr=lr)
+
     def woken_later(self) -> list[str]:
         """Names of the modules a later unfreeze step wakes (the prefix cache must stop before them)."""
         return [n for step in self.cfg.unfreeze
