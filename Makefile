@@ -98,7 +98,11 @@ audit: setup                   ## known vulnerabilities in requirements.lock (sa
 reliability: setup            ## bad inputs and injected faults per step -> the README's reliability table
 	python benchmarks/reliability.py
 
-bench-speed: setup            ## the fine-tune step against the tutorial recipe and the training step's bound
+PEERS := build/peers/.installed
+$(PEERS): benchmarks/requirements-peers.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target build/peers -r $< && touch $@
+
+bench-speed: setup $(PEERS)   ## the fine-tune step against the tutorial, Lightning, a careful loop and the FLOP limit (~50 min)
 	python benchmarks/finetune_speed.py
 
 imagenet-zoo: setup            ## real ImageNet weights offline: zoo/efficientnet_lite0-imagenet.pt (timm), checked on photos

@@ -1,0 +1,151 @@
+"""The shortest time a fine-tune can take on this machine: the FLOPs the work needs over the machine's
+measured convolution and matrix throughput.
+
+    .venv/bin/python benchmarks/flops_limit.py --arch resnet18 --frozen layer4 --train 840 --val 180 --epochs 2
+    .venv/bin/python benchmarks/flops_limit.py --stages   # and the rate each frozen stage achieves
+
+The work (counted with torch.utils.flop_counter.FlopCounterMode, multiply-adds as two FLOPs): the frozen
+layers' forward once over the validation split and once per augmented copy of the training split (as
+many copies as epochs, at most finetune.prefix_copies), the trained layers' forward and backward over
+the training split every epoch, and their forward over the validation split every epoch. The machine:
+the best of several timed runs of a large 3x3 convolution (forward, channels_last) and of a large
+matrix product, in the precision the run uses. Decoding and augmenting images are not FLOPs and are
+left out, so the limit is below anything that reads JPEGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _best_rate(fn, flops: float, repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return flops / best
+
+
+def machine_rates(threads: int, bf16: bool) -> dict:
+    """FLOP/s of a large convolution and a large matrix product in the run's precision."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x = torch.randn(32, 256, 28, 28, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(dtype=dtype, memory_format=torch.channels_last)
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    with torch.inference_mode():
+        conv_rate = _best_rate(lambda: conv(x), 2 * 32 * 28 * 28 * 256 * 256 * 9)
+        mm_rate = _best_rate(lambda: a @ b, 2 * 2048 ** 3)
+    return {"conv_flop_per_s": conv_rate, "matmul_flop_per_s": mm_rate, "precision": "bf16" if bf16 else "fp32"}
+
+
+def _count(fn) -> dict:
+    """FLOPs of one call by kind: convolution (forward and backward) and matrix products."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    kinds = {"conv": 0, "matmul": 0}
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        kinds["conv" if "convolution" in str(op) else "matmul"] += flops
+    return kinds
+
+
+def per_image(arch: str, frozen: str, classes: int) -> dict:
+    """FLOPs per 224-px image of the frozen prefix's forward, the trained suffix's forward, and its
+    forward and backward."""
+    import torch
+
+    from peers import _split
+
+    from components.models import architectures as models
+
+    model = models.build(arch, classes)
+    backbone, head = _split(model, arch, frozen)
+    batch = 4
+    x = torch.randn(batch, 3, 224, 224)
+    backbone.eval()
+    with torch.no_grad():
+        features = backbone(x)
+    head.train()
+
+    def train_step():
+        torch.nn.functional.cross_entropy(head(features), torch.zeros(batch, dtype=torch.long)).backward()
+
+    counts = {"prefix": _count(lambda: backbone(x)), "suffix_fwd": _count(lambda: head(features)),
+              "suffix_fwd_bwd": _count(train_step)}
+    return {k: {kind: v / batch for kind, v in c.items()} for k, c in counts.items()}
+
+
+def stage_rates(arch: str, frozen: str, threads: int, batch: int = 32) -> list[dict]:
+    """What the frozen prefix's stages achieve: FLOP/s of each top-level stage's forward (inference mode,
+    channels_last, fp32) on a batch of 224-px images, against which the machine's rate is the limit."""
+    import torch
+
+    from components.models import architectures as models
+    from peers import _split
+
+    torch.set_num_threads(threads)
+    backbone, _ = _split(models.build(arch, 12), arch, frozen)
+    backbone.eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    rows = []
+    with torch.inference_mode():
+        for name, stage in backbone.named_children():
+            run = functools.partial(stage, x)
+            flops = sum(_count(run).values())
+            if flops:
+                rows.append({"stage": name, "gflop_per_image": flops / batch / 1e9,
+                             "gflop_per_s": _best_rate(run, flops, repeats=3) / 1e9})
+            x = stage(x)
+    return rows
+
+
+def limit(arch: str, frozen: str, classes: int, train: int, val: int, epochs: int, copies: int,
+          rates: dict) -> dict:
+    """The work's FLOPs and the seconds they take at the machine's rates."""
+    f = per_image(arch, frozen, classes)
+    n = {"prefix": val + min(copies, epochs) * train, "suffix_fwd_bwd": epochs * train, "suffix_fwd": epochs * val}
+    flops = {kind: sum(n[part] * f[part][kind] for part in n) for kind in ("conv", "matmul")}
+    seconds = flops["conv"] / rates["conv_flop_per_s"] + flops["matmul"] / rates["matmul_flop_per_s"]
+    return {"gflops": {k: v / 1e9 for k, v in flops.items()}, "limit_s": seconds,
+            "per_image_gflops": {k: sum(v.values()) / 1e9 for k, v in f.items()}}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--frozen", default="layer4")
+    parser.add_argument("--classes", type=int, default=12)
+    parser.add_argument("--train", type=int, default=840)
+    parser.add_argument("--val", type=int, default=180)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--copies", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--stages", action="store_true", help="also what each frozen stage achieves")
+    args = parser.parse_args(argv)
+    rates = machine_rates(args.threads, args.bf16)
+    if args.stages:
+        for row in stage_rates(args.arch, args.frozen, args.threads):
+            print(f"{row['stage']}: {row['gflop_per_image']:.3f} GFLOP an image, {row['gflop_per_s']:.0f} GFLOP/s")
+    print(json.dumps({**rates, **limit(args.arch, args.frozen, args.classes, args.train, args.val, args.epochs,
+                                       args.copies, rates)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
