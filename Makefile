@@ -100,7 +100,8 @@ reliability: setup            ## bad inputs and injected faults per step -> the 
 
 PEERS := build/peers/.installed
 $(PEERS): benchmarks/requirements-peers.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target build/peers -r $< && touch $@
+	rm -rf build/peers && $(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target build/peers -r $< \
+		&& touch $@
 
 bench-speed: setup $(PEERS)   ## the fine-tune step against the tutorial, Lightning, a careful loop and the FLOP limit (~50 min)
 	python benchmarks/finetune_speed.py

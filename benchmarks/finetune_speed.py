@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         setup = prepare(work, args.images, arch)
         n_train, n_val = (len(dataset.images(work / "data", split)) for split in ("train", "val"))
         for epochs in args.epochs:
-            bound = limit(arch, FROZEN[arch], 12, n_train, n_val, epochs, copies, rates)
+            bound = limit(arch, FROZEN[arch], 12, n_train, n_val, epochs, copies, args.batch, rates)
             runs = {name: [] for name in variants}
             for r in range(args.repeats):  # interleaved, so a slow minute of the machine hits every variant
                 for name, fn in variants.items():

@@ -8,8 +8,10 @@ The work (counted with torch.utils.flop_counter.FlopCounterMode, multiply-adds a
 layers' forward once over the validation split and once per augmented copy of the training split (as
 many copies as epochs, at most finetune.prefix_copies), the trained layers' forward and backward over
 the training split every epoch, and their forward over the validation split every epoch. The machine:
-the best of several timed runs of a large 3x3 convolution (forward, channels_last) and of a large
-matrix product, in the precision the run uses. Decoding and augmenting images are not FLOPs and are
+the best of several timed runs of a large 3x3 convolution (forward, channels_last; backward
+convolutions are counted at that rate too) and of a large matrix product, in the precision the run
+uses. It is the limit of a run that caches the frozen layers' features; a run that does not (every
+peer) has more work to do, and its "x limit" says how far it is from this least work. Decoding and augmenting images are not FLOPs and are
 left out, so the limit is below anything that reads JPEGs.
 """
 
@@ -21,6 +23,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -114,11 +118,13 @@ def stage_rates(arch: str, frozen: str, threads: int, batch: int = 32) -> list[d
     return rows
 
 
-def limit(arch: str, frozen: str, classes: int, train: int, val: int, epochs: int, copies: int,
+def limit(arch: str, frozen: str, classes: int, train: int, val: int, epochs: int, copies: int, batch: int,
           rates: dict) -> dict:
-    """The work's FLOPs and the seconds they take at the machine's rates."""
+    """The work's FLOPs and the seconds they take at the machine's rates: the work of a run that caches
+    the frozen layers' features (the least a run must do; a peer that does not cache does more)."""
     f = per_image(arch, frozen, classes)
-    n = {"prefix": val + min(copies, epochs) * train, "suffix_fwd_bwd": epochs * train, "suffix_fwd": epochs * val}
+    trained = train // batch * batch if train > batch else train  # the last partial batch is dropped
+    n = {"prefix": val + min(copies, epochs) * train, "suffix_fwd_bwd": epochs * trained, "suffix_fwd": epochs * val}
     flops = {kind: sum(n[part] * f[part][kind] for part in n) for kind in ("conv", "matmul")}
     seconds = flops["conv"] / rates["conv_flop_per_s"] + flops["matmul"] / rates["matmul_flop_per_s"]
     return {"gflops": {k: v / 1e9 for k, v in flops.items()}, "limit_s": seconds,
@@ -133,7 +139,9 @@ def main(argv=None) -> int:
     parser.add_argument("--train", type=int, default=840)
     parser.add_argument("--val", type=int, default=180)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--copies", type=int, default=5)
+    parser.add_argument("--copies", type=int, default=yaml.safe_load((ROOT / "params.yaml").read_text())
+                        ["finetune"]["prefix_copies"])
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--stages", action="store_true", help="also what each frozen stage achieves")
@@ -143,7 +151,7 @@ def main(argv=None) -> int:
         for row in stage_rates(args.arch, args.frozen, args.threads):
             print(f"{row['stage']}: {row['gflop_per_image']:.3f} GFLOP an image, {row['gflop_per_s']:.0f} GFLOP/s")
     print(json.dumps({**rates, **limit(args.arch, args.frozen, args.classes, args.train, args.val, args.epochs,
-                                       args.copies, rates)}, indent=2))
+                                       args.copies, args.batch, rates)}, indent=2))
     return 0
 
 

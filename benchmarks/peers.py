@@ -3,15 +3,17 @@
     .venv/bin/python benchmarks/peers.py careful --data D --weights W --arch resnet18 --frozen layer4 --epochs 2
 
 Every peer trains the same network from the same checkpoint with the same layers frozen (those before
---frozen), a new head, SGD (lr 0.01, momentum 0.9), batch size, epochs, threads and 224-px crops
-(RandomResizedCrop and a horizontal flip), and evaluates on the validation split after each epoch:
+--frozen), a new head, SGD (lr 0.01, momentum 0.9, weight decay 1e-4), batch size (the last partial batch
+dropped, as ours does), epochs, threads and 224-px crops (RandomResizedCrop and a horizontal flip), and
+evaluates on the validation split after each epoch (the short side resized to 224, the centre crop):
   tutorial   the PyTorch transfer-learning tutorial as most users write it: per-sample PIL transforms in
              a DataLoader, fp32, NCHW, frozen parameters by requires_grad=False with the whole model in
              train mode (so frozen BatchNorm statistics drift), evaluation under no_grad
   lightning  PyTorch Lightning as its transfer-learning page teaches it (docs/source-pytorch/advanced/
              transfer_learning.rst: the frozen backbone a feature extractor in eval mode run under
              no_grad, a new head), Trainer defaults for the device (accelerator "auto", checkpointing,
-             its logger, a validation loop each epoch) in the precision the hardware supports
+             its logger, a validation loop each epoch, its sanity check) on the CPU, in the precision
+             ours picks (fp32 on a CPU)
   careful    a plain loop written with care: channels_last, persistent DataLoader workers, the frozen
              layers in eval mode under no_grad (no graph, no gradient), evaluation under inference_mode
 Prints one JSON line: total_s, epoch_s, val_accuracy (the last epoch's, which is what each peer
@@ -33,6 +35,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+WEIGHT_DECAY = 1e-4  # params.yaml's finetune.weight_decay, which ours trains with
+
+
+def _train_loader(dataset, batch: int, **kwargs):
+    """Shuffled batches; like ours (components/training/loaders.py), without a last partial batch when
+    there is more than one batch (a batch of one image breaks BatchNorm in training mode)."""
+    import torch
+
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=len(dataset) > batch,
+                                       **kwargs)
 
 
 def _files(data: Path, split: str, tf, classes: list[str]):
@@ -102,7 +114,9 @@ def _transforms():
     normalize = transforms.Normalize(MEAN, STD)
     train = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
                                 transforms.ToTensor(), normalize])
-    val = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), normalize])
+    # evaluation as ours does it (components/training/transforms.py eval_transform): the short side to 224,
+    # the centre 224x224, so the accuracies compare
+    val = transforms.Compose([transforms.Resize(224), transforms.CenterCrop(224), transforms.ToTensor(), normalize])
     return train, val
 
 
@@ -113,15 +127,15 @@ def tutorial(args, classes: list[str]) -> tuple[list[float], list[float]]:
     from components.models import architectures as models
 
     train_tf, val_tf = _transforms()
-    train = torch.utils.data.DataLoader(_files(args.data, "train", train_tf, classes), batch_size=args.batch,
-                                        shuffle=True, num_workers=2)
+    train = _train_loader(_files(args.data, "train", train_tf, classes), args.batch, num_workers=2)
     val = torch.utils.data.DataLoader(_files(args.data, "val", val_tf, classes), batch_size=args.batch,
                                       num_workers=2)
     model = _network(args, len(classes))
     frozen = tuple(f"{name}." for name in models.modules_before(model, args.frozen))  # the same layers as ours
     for name, p in model.named_parameters():
         p.requires_grad = not name.startswith(frozen)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                              weight_decay=WEIGHT_DECAY)
     loss_fn = nn.CrossEntropyLoss()
     epoch_s, accs = [], []
     for _ in range(args.epochs):
@@ -148,14 +162,15 @@ def careful(args, classes: list[str]) -> tuple[list[float], list[float]]:
 
     train_tf, val_tf = _transforms()
     loader = dict(batch_size=args.batch, num_workers=2, persistent_workers=True)
-    train = torch.utils.data.DataLoader(_files(args.data, "train", train_tf, classes), shuffle=True,
-                                        drop_last=False, **loader)
+    train = _train_loader(_files(args.data, "train", train_tf, classes), args.batch, num_workers=2,
+                          persistent_workers=True)
     val = torch.utils.data.DataLoader(_files(args.data, "val", val_tf, classes), **loader)
     model = _network(args, len(classes))
     backbone, head = _split(model, args.arch, args.frozen)
     backbone.requires_grad_(False).eval().to(memory_format=torch.channels_last)
     head.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9,
+                              weight_decay=WEIGHT_DECAY)
     loss_fn = nn.CrossEntropyLoss()
     epoch_s, accs = [], []
     for _ in range(args.epochs):
@@ -188,8 +203,8 @@ def lightning(args, classes: list[str]) -> tuple[list[float], list[float]]:
     from components.training.distributed import precision
 
     train_tf, val_tf = _transforms()
-    train = torch.utils.data.DataLoader(_files(args.data, "train", train_tf, classes), batch_size=args.batch,
-                                        shuffle=True, num_workers=2, persistent_workers=True)
+    train = _train_loader(_files(args.data, "train", train_tf, classes), args.batch, num_workers=2,
+                          persistent_workers=True)
     val = torch.utils.data.DataLoader(_files(args.data, "val", val_tf, classes), batch_size=args.batch,
                                       num_workers=2, persistent_workers=True)
     model = _network(args, len(classes))
@@ -218,7 +233,8 @@ def lightning(args, classes: list[str]) -> tuple[list[float], list[float]]:
             self.log("val_acc", (self(x).argmax(1) == y).float().mean(), on_epoch=True, batch_size=len(y))
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.classifier.parameters(), lr=0.01, momentum=0.9)
+            return torch.optim.SGD(self.classifier.parameters(), lr=0.01, momentum=0.9,
+                              weight_decay=WEIGHT_DECAY)
 
     class EpochTimes(pl.Callback):
         def __init__(self):
@@ -233,8 +249,9 @@ def lightning(args, classes: list[str]) -> tuple[list[float], list[float]]:
                 self.accs.append(float(trainer.callback_metrics["val_acc"]))
 
     timer = EpochTimes()
-    bf16 = precision("auto", "cpu") == "bf16"  # the precision this CPU runs fast, as for ours
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="auto", devices=1,
+    bf16 = precision("auto", "cpu") == "bf16"  # the precision ours picks (finetune.precision: auto)
+    # on the CPU, like the other peers and ours here
+    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1,
                          precision="bf16-mixed" if bf16 else "32-true", default_root_dir=args.work,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
     trainer.fit(TransferLearning(), train, val)
