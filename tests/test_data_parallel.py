@@ -134,19 +134,26 @@ def test_synchronised_batchnorm_on_cpu_processes_is_refused_before_any_starts(ar
     assert "data-parallel processes" not in stderr  # refused before the launcher started any
 
 
-def test_two_gloo_processes_fine_tune_a_timm_network_as_one_process_does(artifacts, imagenet_zoo, tmp_path):
-    """Data parallelism and the frozen-prefix cache with a timm network: real ImageNet weights of
-    efficientnet_lite0, at a small size, all but its new output layer frozen (BatchNorm in training mode
-    would normalise each process's half of a batch, not the whole)."""
+@pytest.fixture
+def timm_inputs(artifacts, imagenet_zoo, tmp_path) -> Path:
+    """The demo's data and policy with real ImageNet weights of timm's efficientnet_lite0 as the pretrained
+    model."""
     from components.fetch_pretrained import fetch
     from helpers import pretrained_cfg
 
-    timm_inputs = tmp_path / "timm-inputs"
-    timm_inputs.mkdir()
+    inputs = tmp_path / "timm-inputs"
+    inputs.mkdir()
     for name in ("data", "aug"):
-        (timm_inputs / name).symlink_to(artifacts / name)
+        (inputs / name).symlink_to(artifacts / name)
     fetch(pretrained_cfg(f"timm://efficientnet_lite0?weights={imagenet_zoo}", library="timm",
-                         arch="efficientnet_lite0"), timm_inputs / "pre")
+                         arch="efficientnet_lite0"), inputs / "pre")
+    return inputs
+
+
+def test_two_gloo_processes_fine_tune_a_timm_network_as_one_process_does(timm_inputs, tmp_path):
+    """Data parallelism and the frozen-prefix cache with a timm network: real ImageNet weights of
+    efficientnet_lite0, at a small size, all but its new output layer frozen (BatchNorm in training mode
+    would normalise each process's half of a batch, not the whole)."""
     settings = dict(freeze_until="classifier", unfreeze=[], prefix_cache=True)
     one, _ = _run(timm_inputs, tmp_path, "timm-one", 1, timm_inputs / "aug", **settings)
     two, _ = _run(timm_inputs, tmp_path, "timm-two", 2, timm_inputs / "aug", **settings)
@@ -168,3 +175,26 @@ def test_two_processes_find_the_rate_one_process_finds_and_train_with_it(artifac
     h1, h2 = (json.loads((d / "history.json").read_text()) for d in (one, two))
     assert [r["lr"] for r in h2] == [r["lr"] for r in h1]
     assert [r["val_loss"] for r in h2] == pytest.approx([r["val_loss"] for r in h1], rel=1e-4)
+
+
+def test_a_timm_network_on_two_processes_gets_the_range_test_layer_statistics_and_a_diagnosis(timm_inputs, tmp_path):
+    """finetune.lr auto, the per-layer statistics and the diagnosis with a timm model (its stages are
+    timm's blocks, not torchvision's layers) across two processes: the rate one process finds, the
+    statistics of the stage that trains, and the diagnosis on the summary and the MLflow run. Only the
+    new output layer trains: BatchNorm in training mode would normalise each process's half of a batch."""
+    settings = dict(freeze_until="classifier", unfreeze=[], prefix_cache=True, lr="auto", max_epochs=2, patience=2)
+    one, _ = _run(timm_inputs, tmp_path, "timm-auto-one", 1, timm_inputs / "aug", **settings)
+    two, _ = _run(timm_inputs, tmp_path, "timm-auto-two", 2, timm_inputs / "aug", **settings)
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert s2["lr_find"]["suggested_lr"] == pytest.approx(s1["lr_find"]["suggested_lr"], rel=1e-6)
+    assert 1e-6 < s2["lr_find"]["suggested_lr"] < 1
+    history = json.loads((two / "history.json").read_text())
+    assert {key.split("/")[1] for key in history[-1] if key.startswith("layer/")} == {"classifier"}
+    assert 0 < history[-1]["layer/classifier/update_ratio"] and history[-1]["layer/classifier/grad_norm"] > 0
+    tag = s2["diagnosis"]["tag"]
+    assert tag and set(tag.split(",")) <= {"healthy", "lr_too_high", "too_few_images", "too_much_frozen",
+                                           "overfitting", "class_imbalance"}
+    client = mlflow.MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("dp-timm-auto-two").experiment_id])[0]
+    assert run.data.tags["diagnosis"] == tag
+    assert float(run.data.params["finetune.lr_found"]) == pytest.approx(s2["lr_find"]["suggested_lr"], rel=1e-5)
