@@ -1,6 +1,6 @@
 """How fast is the fine-tune step? Against what users would write instead, and the machine's limit.
 
-    .venv/bin/python benchmarks/finetune_speed.py       # or make bench-speed: resnet18, 600 photos, 2 and 10 epochs, ~50 min
+    .venv/bin/python benchmarks/finetune_speed.py   # = make bench-speed: resnet18, 600 photos, 2 and 10 epochs
     .venv/bin/python benchmarks/finetune_speed.py --images 3000 --epochs 2 --archs resnet18 mobilenet_v3_large
     .venv/bin/python benchmarks/finetune_speed.py --set prefix_copies=1 --out /tmp/copies1.json  # another lever setting
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -205,7 +204,8 @@ def main(argv=None) -> int:
 
     changes = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     ours_name = "ours" + (f" ({', '.join(args.set)})" if args.set else "")
-    copies = changes.get("prefix_copies", yaml.safe_load((ROOT / "params.yaml").read_text())["finetune"]["prefix_copies"])
+    defaults = yaml.safe_load((ROOT / "params.yaml").read_text())["finetune"]
+    copies = changes.get("prefix_copies", defaults["prefix_copies"])
 
     tmp = None if args.work else tempfile.TemporaryDirectory(prefix="finetune-speed-")
     work = args.work or Path(tmp.name)

@@ -7,12 +7,13 @@ measured convolution and matrix throughput.
 The work (counted with torch.utils.flop_counter.FlopCounterMode, multiply-adds as two FLOPs): the frozen
 layers' forward once over the validation split and once per augmented copy of the training split (as
 many copies as epochs, at most finetune.prefix_copies), the trained layers' forward and backward over
-the training split every epoch, and their forward over the validation split every epoch. The machine:
+the training split's full batches every epoch, and their forward over the validation split every
+epoch. The machine:
 the best of several timed runs of a large 3x3 convolution (forward, channels_last; backward
 convolutions are counted at that rate too) and of a large matrix product, in the precision the run
 uses. It is the limit of a run that caches the frozen layers' features; a run that does not (every
-peer) has more work to do, and its "x limit" says how far it is from this least work. Decoding and augmenting images are not FLOPs and are
-left out, so the limit is below anything that reads JPEGs.
+peer) has more work to do, and its "x limit" says how far it is from this least work. Decoding and
+augmenting images are not FLOPs and are left out, so the limit is below anything that reads JPEGs.
 """
 
 from __future__ import annotations

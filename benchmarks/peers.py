@@ -38,13 +38,17 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 WEIGHT_DECAY = 1e-4  # params.yaml's finetune.weight_decay, which ours trains with
 
 
-def _train_loader(dataset, batch: int, **kwargs):
-    """Shuffled batches; like ours (components/training/loaders.py), without a last partial batch when
-    there is more than one batch (a batch of one image breaks BatchNorm in training mode)."""
+def _loaders(args, classes: list[str], persistent_workers: bool):
+    """(train, val) loaders with 2 workers. Training batches are shuffled and, like ours
+    (components/training/loaders.py), without a last partial batch when there is more than one batch (a
+    batch of one image breaks BatchNorm in training mode)."""
     import torch
 
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=len(dataset) > batch,
-                                       **kwargs)
+    train_tf, val_tf = _transforms()
+    train, val = _files(args.data, "train", train_tf, classes), _files(args.data, "val", val_tf, classes)
+    common = dict(batch_size=args.batch, num_workers=2, persistent_workers=persistent_workers)
+    return (torch.utils.data.DataLoader(train, shuffle=True, drop_last=len(train) > args.batch, **common),
+            torch.utils.data.DataLoader(val, **common))
 
 
 def _files(data: Path, split: str, tf, classes: list[str]):
@@ -126,16 +130,13 @@ def tutorial(args, classes: list[str]) -> tuple[list[float], list[float]]:
 
     from components.models import architectures as models
 
-    train_tf, val_tf = _transforms()
-    train = _train_loader(_files(args.data, "train", train_tf, classes), args.batch, num_workers=2)
-    val = torch.utils.data.DataLoader(_files(args.data, "val", val_tf, classes), batch_size=args.batch,
-                                      num_workers=2)
+    train, val = _loaders(args, classes, persistent_workers=False)
     model = _network(args, len(classes))
     frozen = tuple(f"{name}." for name in models.modules_before(model, args.frozen))  # the same layers as ours
     for name, p in model.named_parameters():
         p.requires_grad = not name.startswith(frozen)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
-                              weight_decay=WEIGHT_DECAY)
+                          weight_decay=WEIGHT_DECAY)
     loss_fn = nn.CrossEntropyLoss()
     epoch_s, accs = [], []
     for _ in range(args.epochs):
@@ -160,17 +161,12 @@ def careful(args, classes: list[str]) -> tuple[list[float], list[float]]:
     import torch
     from torch import nn
 
-    train_tf, val_tf = _transforms()
-    loader = dict(batch_size=args.batch, num_workers=2, persistent_workers=True)
-    train = _train_loader(_files(args.data, "train", train_tf, classes), args.batch, num_workers=2,
-                          persistent_workers=True)
-    val = torch.utils.data.DataLoader(_files(args.data, "val", val_tf, classes), **loader)
+    train, val = _loaders(args, classes, persistent_workers=True)
     model = _network(args, len(classes))
     backbone, head = _split(model, args.arch, args.frozen)
     backbone.requires_grad_(False).eval().to(memory_format=torch.channels_last)
     head.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9,
-                              weight_decay=WEIGHT_DECAY)
+    opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9, weight_decay=WEIGHT_DECAY)
     loss_fn = nn.CrossEntropyLoss()
     epoch_s, accs = [], []
     for _ in range(args.epochs):
@@ -202,11 +198,7 @@ def lightning(args, classes: list[str]) -> tuple[list[float], list[float]]:
 
     from components.training.distributed import precision
 
-    train_tf, val_tf = _transforms()
-    train = _train_loader(_files(args.data, "train", train_tf, classes), args.batch, num_workers=2,
-                          persistent_workers=True)
-    val = torch.utils.data.DataLoader(_files(args.data, "val", val_tf, classes), batch_size=args.batch,
-                                      num_workers=2, persistent_workers=True)
+    train, val = _loaders(args, classes, persistent_workers=True)
     model = _network(args, len(classes))
     backbone, head = _split(model, args.arch, args.frozen)
 
@@ -233,8 +225,7 @@ def lightning(args, classes: list[str]) -> tuple[list[float], list[float]]:
             self.log("val_acc", (self(x).argmax(1) == y).float().mean(), on_epoch=True, batch_size=len(y))
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.classifier.parameters(), lr=0.01, momentum=0.9,
-                              weight_decay=WEIGHT_DECAY)
+            return torch.optim.SGD(self.classifier.parameters(), lr=0.01, momentum=0.9, weight_decay=WEIGHT_DECAY)
 
     class EpochTimes(pl.Callback):
         def __init__(self):
