@@ -6,7 +6,7 @@ PLOTS  := .dvc/plots/offline.html
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: help setup system-packages venv lock run run-local demo-inputs generate init test exps ui screenshot stack stack-down image \
-	run-container sbom audit reliability imagenet-zoo bench-transfer bench-speed lr-find bench-lr clean
+	run-container sbom audit reliability imagenet-zoo bench-transfer bench-speed bench-scale bench-serve lr-find bench-lr clean
 .DEFAULT_GOAL := help
 
 help:                          ## this list (a bare `make` prints it too)
@@ -105,6 +105,12 @@ $(PEERS): benchmarks/requirements-peers.txt
 
 bench-speed: setup $(PEERS)   ## the fine-tune step against the tutorial, Lightning, a careful loop and the FLOP limit (~50 min)
 	python benchmarks/finetune_speed.py
+
+bench-scale: setup            ## the steps on 1,000, 5,000 and 20,000 photos, and under a memory limit (~60 min)
+	python benchmarks/scale.py
+
+bench-serve: setup            ## the registered model served to 32 concurrent clients, 1 and 2 workers (~12 min)
+	python benchmarks/serve_load.py
 
 imagenet-zoo: setup            ## real ImageNet weights offline: zoo/efficientnet_lite0-imagenet.pt (timm), checked on photos
 	python -m pipelines imagenet-zoo

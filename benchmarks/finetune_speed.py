@@ -4,10 +4,9 @@
     .venv/bin/python benchmarks/finetune_speed.py --images 3000 --epochs 2 --archs resnet18 mobilenet_v3_large
     .venv/bin/python benchmarks/finetune_speed.py --set prefix_copies=1 --out /tmp/copies1.json  # another lever setting
 
-Data: real-sized JPEGs (500x375, quality 85-95) cut from the two photographs scikit-learn ships,
-12 classes (6 regions of each photo, with jittered position and scale); split by the data step.
-The same zoo checkpoint for every run (no downloads): a randomly initialised network whose BatchNorm
-statistics are measured on 256 of the photos, frozen up to layer4 (resnet18) or features.13.
+Data and zoo: benchmarks/photos.py (real-sized JPEGs cut from the photographs scikit-learn ships, 12
+classes; a randomly initialised network with BatchNorm statistics measured on the photos), frozen up to
+layer4 (resnet18) or features.13.
   tutorial, lightning, careful   the peers (benchmarks/peers.py says what each one is)
   ours      `python -m components.finetune` as the pipeline runs it (params.yaml's levers, MLflow on)
   limit     the FLOPs the work needs over the machine's measured throughput (benchmarks/flops_limit.py)
@@ -29,88 +28,24 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-SIZE = (500, 375)
+import photos  # noqa: E402
+
 FROZEN = {"resnet18": "layer4", "mobilenet_v3_large": "features.13"}  # train the last blocks and the head
-
-
-def make_photos(root: Path, n: int, seed: int = 0) -> Path:
-    from PIL import Image
-    from sklearn.datasets import load_sample_image
-
-    rng = np.random.default_rng(seed)
-    photos = {name: Image.fromarray(load_sample_image(f"{name}.jpg")) for name in ("china", "flower")}  # 640x427
-    classes = [(name, cx, cy) for name in photos for cx in (0.25, 0.5, 0.75) for cy in (0.3, 0.7)]
-    for i in range(n):
-        name, cx, cy = classes[i % len(classes)]
-        photo = photos[name]
-        w = int(photo.width * rng.uniform(0.35, 0.5))
-        h = int(w * 0.75)
-        x = int(np.clip(cx * photo.width + rng.normal(0, 20) - w / 2, 0, photo.width - w))
-        y = int(np.clip(cy * photo.height + rng.normal(0, 15) - h / 2, 0, photo.height - h))
-        folder = root / f"{name}-{cx}-{cy}"
-        folder.mkdir(parents=True, exist_ok=True)
-        crop = photo.crop((x, y, x + w, y + h)).resize(SIZE, Image.BICUBIC)
-        crop.save(folder / f"{i:05d}.jpg", quality=int(rng.integers(85, 96)))
-    return root
-
-
-def _calibrate_batchnorm(net, photos: Path, n: int = 256) -> None:
-    """BatchNorm statistics measured on the photos, as a pretrained network has them for its data: with
-    the initial 0/1 statistics a frozen random network's features are badly scaled, and the tutorial
-    recipe (BatchNorm in train mode) would win on that alone."""
-    import torch
-    from PIL import Image
-    from torchvision import transforms
-
-    tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-                             transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-    files = sorted(photos.rglob("*.jpg"))[::max(1, len(list(photos.rglob("*.jpg"))) // n)][:n]
-    for m in net.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the calibration batches
-    net.train()
-    with torch.no_grad():
-        for start in range(0, len(files), 32):
-            net(torch.stack([tf(Image.open(f).convert("RGB")) for f in files[start:start + 32]]))
-    for m in net.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = 0.1
-    net.eval()
 
 
 def prepare(work: Path, images: int, arch: str) -> dict:
     """The data, augment and fetch_pretrained outputs every run of `arch` shares."""
-    import torch
-    import yaml
-
-    from components.artifacts import checkpoint
-    from components.models import architectures as models
-
     raw = work / "photos"
     if not raw.exists():
-        make_photos(raw, images)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(source=str(raw))
-    params["augment"].update(image_size=224, resize_scale=[0.08, 1.0], resize_ratio=[0.75, 4 / 3], hflip=0.5,
-                             rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
-    zoo = work / f"{arch}-zoo.pt"
-    if not zoo.exists():
-        torch.manual_seed(0)
-        net = models.build(arch, 1000)
-        _calibrate_batchnorm(net, raw)
-        torch.save({"format": checkpoint.FORMAT, "arch": arch, "class_names": [str(i) for i in range(1000)],
-                    "state_dict": net.state_dict()}, zoo)
-    params["pretrained"].update(uri=str(zoo), arch=arch, sha256="")
-    params["tracking"].update(experiment="finetune-speed", system_metrics=False)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-           "FINETUNE_CACHE": str(work / "cache")}
+        photos.make(raw, images)
+    params = photos.params(raw, photos.zoo(work / f"{arch}-zoo.pt", arch, raw), arch, "finetune-speed")
+    env = photos.env(work)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     for step, args in (("data", ["--out", str(work / "data")]),
                        ("augment", ["--dataset", str(work / "data"), "--out", str(work / "aug")]),
@@ -123,8 +58,6 @@ def prepare(work: Path, images: int, arch: str) -> dict:
 
 def run_ours(work: Path, setup: dict, arch: str, epochs: int, batch: int, frozen: str, threads: int,
              changes: dict | None = None) -> dict:
-    import yaml
-
     params = json.loads(json.dumps(setup["params"]))
     params["finetune"].update({"freeze": [], "freeze_until": frozen, "reinit": [], "unfreeze": [], "lr_groups": [],
                                "lr": 0.01, "optimizer": "sgd", "schedule": "constant", "warmup_epochs": 0,
@@ -195,8 +128,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import functools
-
-    import yaml
 
     from components.artifacts import dataset
     from components.training.distributed import precision

@@ -154,6 +154,7 @@ class FinetuneConfig(Section):
     channels_last: bool             # NHWC memory layout for convolutions
     prefix_cache: bool              # frozen-prefix features computed once (components/prefix_cache.py)
     prefix_copies: int = Field(ge=1)  # augmented copies of the training split's prefix features
+    prefix_int8: bool               # the cached prefix in int8 (x86 post-training quantisation; CPU only)
 
     @model_validator(mode="after")
     def _warmup_fits(self):

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -180,6 +181,48 @@ def test_limits_apply_in_process_too():
     values = [_png(Image.new("RGB", (4000, 3000)))] * 9  # 12 Mpx each, 108 Mpx in all
     chunks = [indices for indices, _ in serving._chunks(serving._rows(values))]
     assert chunks == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]  # CHUNK_PIXELS = 50 Mpx decoded at a time
+
+
+@pytest.mark.parametrize("per_request, most_at_once", [(40, 40), (2, 16)])
+def test_concurrent_requests_hold_at_most_a_batch_of_images_in_forward_passes_and_get_their_own_answers(
+        trained, per_request, most_at_once):
+    """The scoring server predicts each request in a thread of its own; the model admits at most one batch
+    (64) of images into forward passes at once, in arrival order: two 40-image requests never overlap (the
+    activations of one batch, not one per request in flight), eight 2-image requests all may. Each thread
+    still gets the predictions for its own images."""
+    model = serving.ImageClassifier.from_checkpoint(trained / "model" / "model.pt")
+    tests = [dataset.read_bytes(image) for image in dataset.images(trained / "data", "test")]
+    requests = [__import__("pandas").DataFrame({"image": [tests[(i + j) % len(tests)] for j in range(per_request)]})
+                for i in range(8)]
+    alone = [model.predict(None, r) for r in requests]
+    forward, state, guard = model.module.forward, {"inside": 0, "most": 0}, threading.Lock()
+
+    def counted(x):
+        with guard:
+            state["inside"] += len(x)
+            state["most"] = max(state["most"], state["inside"])
+        try:
+            time.sleep(0.5)  # the other threads arrive meanwhile
+            return forward(x)
+        finally:
+            with guard:
+                state["inside"] -= len(x)
+
+    model.module.forward = counted
+    answers = [None] * len(requests)
+
+    def ask(i):
+        answers[i] = model.predict(None, requests[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert state["most"] == most_at_once
+    for a, b in zip(answers, alone):
+        assert list(a["label"]) == list(b["label"])
+        np.testing.assert_allclose(a["confidence"], b["confidence"], rtol=1e-5)
 
 
 def _readme_serve_section() -> tuple[list[str], str]:

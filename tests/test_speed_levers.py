@@ -1,4 +1,4 @@
-"""The fine-tune's speed levers (finetune.precision, channels_last, prefix_cache): each one changes
+"""The fine-tune's speed levers (finetune.precision, channels_last, prefix_cache, prefix_int8): each one changes
 results only within its stated tolerance, and the frozen-prefix cache caches only what it may."""
 
 import json
@@ -87,6 +87,49 @@ def test_the_prefix_cache_changes_losses_only_by_float16_rounding(artifacts, tmp
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=5e-2)
     frozen = [k for k in w_off if k.startswith(("conv1", "bn1", "layer1", "layer2"))]
     assert all(torch.equal(w_off[k], w_on[k]) for k in frozen)  # the prefix stays as it was
+
+
+def _fp32_val_loss(artifacts, policy, model_file) -> float:
+    """The saved model's validation loss as validate computes features: fp32, no cache."""
+    saved = torch.load(model_file, weights_only=True)
+    model = models.build("resnet18", 3)
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    val = dataset.images(artifacts / "data", "val")
+    x = torch.stack([eval_transform(load_policy(policy))(dataset.load(image)) for image in val])
+    y = torch.tensor([saved["class_names"].index(image.label) for image in val])
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model(x), y).item()
+
+
+def test_the_int8_prefix_stays_within_its_tolerance_and_the_saved_model_stays_fp32(artifacts, tmp_path, capfd):
+    augment(artifacts / "data", tmp_path / "still", policy_cfg(**STILL))
+    fp32, w32 = _train(artifacts, tmp_path, "fp32", prefix_cache=True, prefix_copies=1, precision="fp32")
+    int8, w8 = _train(artifacts, tmp_path, "int8", prefix_cache=True, prefix_copies=1, precision="fp32",
+                      prefix_int8=True)
+    err = capfd.readouterr().err
+    assert "computed once in int8" in err and "int8 prefix off" not in err  # the int8 prefix was really used
+    # Stated tolerance: int8 features move each epoch's validation loss (measured on them) by at most 10%,
+    # and the saved model, whose frozen layers are the fp32 ones validate and serving use, has a
+    # validation loss within 10% of the fp32 run's model.
+    for a, b in zip(fp32, int8):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=0.1)
+    assert _fp32_val_loss(artifacts, tmp_path / "still", tmp_path / "int8" / "model.pt") == pytest.approx(
+        _fp32_val_loss(artifacts, tmp_path / "still", tmp_path / "fp32" / "model.pt"), rel=0.1)
+    frozen = [k for k in w32 if k.startswith(("conv1", "bn1", "layer1", "layer2"))]
+    assert all(w8[k].dtype == w32[k].dtype and torch.equal(w8[k], w32[k]) for k in frozen)
+    assert set(w8) == set(w32)  # no quantised parameters in the checkpoint
+
+
+def test_an_int8_prefix_too_far_from_fp32_is_refused_and_the_run_goes_on_in_fp32(artifacts, tmp_path, capfd,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(prefix_cache, "INT8_MAX_ERROR", 0.0)
+    augment(artifacts / "data", tmp_path / "still", policy_cfg(**STILL))
+    history, _ = _train(artifacts, tmp_path, "refused", prefix_cache=True, prefix_copies=1, precision="fp32",
+                        prefix_int8=True)
+    err = capfd.readouterr().err
+    assert "int8 prefix off: its features are" in err and "fp32 instead" in err
+    assert "computed once: validation" in err and len(history) == 3
 
 
 def test_channels_last_changes_nothing_beyond_float_rounding(artifacts, tmp_path):

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
+import contextlib
+import threading
 from pathlib import Path
 
 import mlflow
@@ -136,6 +139,39 @@ def _chunks(values: list):
         yield indices, images
 
 
+class ImageSlots:
+    """At most `size` images in forward passes at once in this process, admitted in arrival order.
+
+    MLflow's scoring server runs each request's predict in a thread of its own (mlflow 3.17.2,
+    pyfunc/scoring_server/__init__.py:496, asyncio.to_thread: up to min(32, CPUs + 4) at once, CPython
+    3.11 concurrent/futures/thread.py:142). Single images gain from overlapping passes, but concurrent
+    64-image batches only multiply the activations held (about 0.6 GB each at 224 px) and contend for the
+    same cores. benchmarks/serve_load.py, one worker, 32 clients: unbounded 23 single images/s and 29
+    photos/s in batches (4.7 GB, 504s past MLflow's 60 s); one pass at a time 18 and 41; these slots 26 and
+    42 (2.6 GB, no error)."""
+
+    def __init__(self, size: int):
+        self.size, self.free = size, size
+        self._turns: collections.deque = collections.deque()
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int):
+        n, me = min(n, self.size), object()
+        with self._changed:
+            self._turns.append(me)  # first come, first served: a batch is not starved by single images
+            self._changed.wait_for(lambda: self._turns[0] is me and self.free >= n)
+            self._turns.popleft()
+            self.free -= n
+            self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.free += n
+                self._changed.notify_all()
+
+
 class ServedClassifier(torch.nn.Module):
     """What the registry serves: uint8 images (N, H, W, 3) in, class probabilities out.
 
@@ -172,6 +208,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         prep = ckpt.preprocessing
         self.class_names = list(ckpt.class_names)
         self.module = ServedClassifier(net, prep["image_size"], prep["mean"], prep["std"], self.class_names)
+        self._slots = ImageSlots(BATCH)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path) -> "ImageClassifier":
@@ -190,7 +227,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 for start in range(0, len(indices), BATCH):
                     chunk = indices[start:start + BATCH]
                     batch = torch.from_numpy(np.stack([images[i] for i in chunk]))
-                    out[chunk] = self.module(batch).numpy()
+                    with self._slots.hold(len(chunk)):
+                        out[chunk] = self.module(batch).numpy()
         return out
 
     def predict(self, context, model_input: pd.DataFrame, params=None):

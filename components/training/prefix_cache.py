@@ -19,6 +19,7 @@ features, and the first copies are the very images an uncached run trains on.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -202,6 +203,39 @@ def describe(names: list[str]) -> str:
     return f"{names[0]} .. {names[-1]} ({len(names)} stages)" if len(names) > 1 else names[0]
 
 
+CALIBRATION_IMAGES = 64  # validation images the int8 prefix's activation ranges are measured on
+INT8_MAX_ERROR = 0.3     # relative L2 distance from the fp32 features on the probe batch, past which int8 is off
+
+
+def quantized(prefix: nn.Module, batches) -> nn.Module:
+    """An int8 copy of the frozen prefix: PyTorch's x86 post-training quantisation (torch.ao.quantization,
+    FX graph mode, `get_default_qconfig_mapping("x86")`: per-channel int8 weights, activation ranges
+    observed on `batches`; fbgemm and oneDNN kernels, CPU only). It folds BatchNorm itself."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    batches = list(batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao at each call
+        prepared = prepare_fx(copy.deepcopy(prefix).eval(), get_default_qconfig_mapping("x86"), (batches[0],))
+        with torch.no_grad():
+            for x in batches:
+                prepared(x)
+        return convert_fx(prepared).eval()
+
+
+def _calibration(val_loader, prepare):
+    seen = 0
+    for x, _ in val_loader:
+        yield prepare(x)
+        seen += len(x)
+        if seen >= CALIBRATION_IMAGES:
+            return
+
+
 def for_model(model: nn.Module, recipe, train_loader, val_loader, cfg, prepare, autocast, say):
     """(PrefixCache, suffix) when finetune.prefix_cache can apply, else (None, None) with the reason said.
     Each data-parallel process computes the whole cache: every one draws from every image."""
@@ -218,11 +252,28 @@ def for_model(model: nn.Module, recipe, train_loader, val_loader, cfg, prepare, 
     with torch.no_grad():  # folding is checked like the split: the same features, or the prefix as it is
         if not torch.allclose(fast(probe), prefix.eval()(probe), atol=1e-4, rtol=1e-4):
             fast = prefix
-    prefix.train(was_training)
     if cfg.channels_last:
         fast.to(memory_format=torch.channels_last)
+    kind = ""
+    if cfg.prefix_int8:
+        int8, why = None, "the int8 prefix runs on a CPU only"
+        if probe.device.type == "cpu":
+            try:
+                int8 = quantized(prefix, _calibration(val_loader, prepare))
+                with torch.no_grad():
+                    exact = prefix.eval()(probe)
+                    error = float((int8(probe) - exact).norm() / exact.norm())
+                why = f"its features are {error:.0%} from fp32 on a probe batch (at most {INT8_MAX_ERROR:.0%})"
+                int8 = int8 if error <= INT8_MAX_ERROR else None
+            except Exception as err:  # noqa: BLE001 - a network the quantiser cannot trace keeps its fp32 prefix
+                why = f"the x86 quantiser cannot take it ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        if int8 is None:
+            say(f"finetune: int8 prefix off: {why}; fp32 instead")
+        else:
+            fast, autocast, kind = int8, contextlib.nullcontext, f" in int8 ({why})"
+    prefix.train(was_training)
     cache = PrefixCache(fast, train_loader, val_loader, cfg, prepare, autocast, workdir=cfg.checkpoint_dir or None)
     copies = f"{cfg.prefix_copies} augmented cop{'y' if cfg.prefix_copies == 1 else 'ies'}"
-    say(f"finetune: frozen prefix {describe(names)} computed once: validation, and up to {copies} of the "
+    say(f"finetune: frozen prefix {describe(names)} computed once{kind}: validation, and up to {copies} of the "
         "training split")
     return cache, suffix
