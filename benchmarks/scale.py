@@ -80,8 +80,8 @@ def memory_cgroup(limit_bytes: int):
 
 
 def finetune_args(work: Path, out: str) -> list[str]:
-    return ["--params", str(work / "params.yaml"), "--dataset", str(work / "data"), "--policy", str(work / "aug"),
-            "--weights", str(work / "pre"), "--out", str(work / out)]
+    return ["--dataset", str(work / "data"), "--policy", str(work / "aug"), "--weights", str(work / "pre"),
+            "--out", str(work / out)]
 
 
 def run_size(work: Path, n: int, zoo: Path, epochs: int, batch: int) -> dict:
@@ -94,7 +94,6 @@ def run_size(work: Path, n: int, zoo: Path, epochs: int, batch: int) -> dict:
     print(f"{n} photos: made in {time.perf_counter() - began:.0f} s, {_folder_bytes(raw) / 2**20:.0f} MiB",
           flush=True)
     params = photos.params(raw, zoo, ARCH, "scale")
-    params["data"].update(workers=0)  # one decode worker per core
     params["finetune"].update({"freeze": [], "freeze_until": FROZEN, "reinit": [], "unfreeze": [], "lr_groups": [],
                                "lr": 0.01, "optimizer": "sgd", "schedule": "constant", "warmup_epochs": 0,
                                "batch_size": batch, "max_epochs": epochs, "patience": epochs, "checkpoint_dir": ""})
@@ -107,7 +106,7 @@ def run_size(work: Path, n: int, zoo: Path, epochs: int, batch: int) -> dict:
         "data": ["--out", str(work / "data")],
         "augment": ["--dataset", str(work / "data"), "--out", str(work / "aug")],
         "fetch_pretrained": ["--out", str(work / "pre")],
-        "finetune": finetune_args(work, "model")[2:],
+        "finetune": finetune_args(work, "model"),
         "validate": ["--dataset", str(work / "data"), "--policy", str(work / "aug"), "--weights", str(work / "pre"),
                      "--model", str(work / "model"), "--out", str(work / "validate")],
     }
@@ -166,7 +165,8 @@ def main(argv=None) -> int:
         work = base / str(sizes[-1])
         env = {**photos.env(work), "TMPDIR": str(work / "tmp")}
         with memory_cgroup(args.memory_limit_mib * 2**20) as (wrap, usage):
-            r = photos.run_step("finetune", finetune_args(work, "model-limited"), env, work, wrap=wrap)
+            r = photos.run_step("finetune", ["--params", str(work / "params.yaml"), *finetune_args(work, "model-limited")],
+                                env, work, wrap=wrap)
             r.pop("output")
             r.update(usage())
         free = results[-1]["steps"]["finetune"]["s"]

@@ -25,7 +25,6 @@ import argparse
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,8 +40,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "infra"))
 
 import photos  # noqa: E402
+from local_stack import free_port, session_peak_rss, stop  # noqa: E402
 
 MODEL = "photos-resnet18"
 
@@ -72,30 +73,10 @@ def register_model(work: Path, images: int) -> list[bytes]:
     return [dataset.read_bytes(image) for image in dataset.images(work / "data", "test")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _session_peak_rss(sid: int) -> int:
-    """Sum of the peak resident memory (VmHWM) of every live process in session `sid`."""
-    total = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.getsid(int(pid)) != sid:
-                continue
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        total += next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM")), 0)
-    return total
-
-
 def serve(work: Path, workers: int, log: Path, timeout_s: int | None) -> tuple[subprocess.Popen, str]:
     """The README's serve command (`mlflow models serve` from this environment, uvicorn on PATH); with
     `timeout_s`, MLflow's per-request limit (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, 60 s by default)."""
-    port = _free_port()
+    port = free_port()
     bin_dir = Path(sys.executable).parent
     proc = subprocess.Popen(
         [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local",
@@ -115,19 +96,6 @@ def serve(work: Path, workers: int, log: Path, timeout_s: int | None) -> tuple[s
         if proc.poll() is not None or time.time() > deadline:
             raise RuntimeError(f"serve_load: the server did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 def load(url: str, bodies: list[tuple[bytes, int]], clients: int, seconds: float, max_requests: int) -> dict:
@@ -203,14 +171,15 @@ def main(argv=None) -> int:
                 for name, bodies in loads.items():
                     r = load(url, bodies, args.clients, args.seconds, args.max_requests)
                     r.update(workers=workers, load=name, clients=args.clients,
-                             server_peak_mib=_session_peak_rss(proc.pid) / 2**20, server_alive=proc.poll() is None)
+                             server_peak_mib=session_peak_rss(proc.pid) / 2**20, server_alive=proc.poll() is None)
                     results.append(r)
                     print(f"workers {workers}, {name}: {r['requests_per_s']:.1f} requests/s, "
                           f"{r['images_per_s']:.1f} photos/s, p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, "
                           f"errors {r['errors']} {r['error_examples']}, server peak {r['server_peak_mib']:.0f} MiB",
                           flush=True)
             finally:
-                stop(proc)
+                stop(proc.pid)
+                proc.wait()
     args.out.write_text(json.dumps({"cores": os.cpu_count(), "clients": args.clients, "seconds": args.seconds,
                                     "request_timeout_s": args.request_timeout or 60, "results": results}, indent=2) + "\n")
     print("\n| workers | request | requests/s | photos/s | p50 s | p99 s | errors | server peak MiB |")

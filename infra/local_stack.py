@@ -161,6 +161,21 @@ def stop(pid: int, timeout: float = 20) -> None:
     os.killpg(pid, signal.SIGKILL)
 
 
+def session_peak_rss(sid: int) -> int:
+    """Sum of the peak resident memory (VmHWM) of every live process in session `sid` (a process group
+    started with start_new_session=True: its leader's pid)."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(pid)) != sid:
+                continue
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM")), 0)
+    return total
+
+
 def _running(name: str) -> bool:
     pid_file = STACK / f"{name}.pid"
     try:

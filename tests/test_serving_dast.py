@@ -64,20 +64,6 @@ def _post(url: str, body: bytes, content_type: str = "application/json") -> tupl
     return status, text, time.perf_counter() - start
 
 
-def _session_peak_rss(sid: int) -> int:
-    """Sum of the peak resident memory (VmHWM) of every live process in session `sid`."""
-    total = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.getsid(int(pid)) != sid:
-                continue
-            status = Path(f"/proc/{pid}/status").read_text()
-        except (OSError, ProcessLookupError):
-            continue
-        total += next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM"))
-    return total
-
-
 def _wait_until_serving(url: str, proc, log: Path, timeout: float = 120) -> None:
     """Until the scoring server answers /ping; its log's tail if it dies or never answers."""
     deadline = time.time() + timeout
@@ -164,7 +150,9 @@ def test_hostile_requests_get_a_clear_4xx_in_time_and_the_server_lives_in_bounde
 
     status, text, _ = _post(url, good)  # still serving, and still the same answers
     assert status == 200 and [row["label"] for row in json.loads(text)["predictions"]] == labels
-    peak = _session_peak_rss(os.getsid(proc.pid))
+    from local_stack import session_peak_rss
+
+    peak = session_peak_rss(os.getsid(proc.pid))
     print(f"peak RSS {peak / 2**20:.0f} MiB; "
           + "; ".join(f"{k}: {s} in {t:.2f} s" for k, (s, t, _) in answers.items()))
     assert 0 < peak < PEAK_RSS_LIMIT
