@@ -168,15 +168,24 @@ def test_bf16_training_stays_within_its_tolerance(artifacts, tmp_path):
     assert decided.sum() > 0.8 * len(images) and torch.equal(p16.argmax(1)[decided], p32.argmax(1)[decided])
 
 
-def _poison(monkeypatch, when):
+def _poison(monkeypatch, when, nan=True):
     """The output layer's result turned to NaN on the training forward passes `when(steps, autocast)` picks,
     `steps` being the bf16 forward passes so far (one a step, whatever was redone in fp32 before): a bf16
-    kernel's occasional NaN, made to order. Returns each training forward pass's autocast state, and the
-    index among them of each poisoned one."""
+    kernel's occasional NaN, made to order. With `nan=False` those steps are redone in fp32 with nothing
+    poisoned: the loop is told their gradients were not finite. Returns each training forward pass's
+    autocast state, and the index among them of each picked one."""
     from components.training import loop
 
-    calls, poisoned = [], []
+    calls, poisoned, forced = [], [], []
     real = loop.Feed.__init__
+    real_finite = loop._finite_gradients
+
+    def finite(optimizer):
+        if forced:
+            forced.clear()
+            return False
+        return real_finite(optimizer)
+    monkeypatch.setattr(loop, "_finite_gradients", finite)
 
     def init(self, *args, **kwargs):
         real(self, *args, **kwargs)
@@ -187,6 +196,9 @@ def _poison(monkeypatch, when):
                 calls.append(torch.is_autocast_enabled("cpu"))
                 if when(sum(calls), calls[-1]):
                     poisoned.append(len(calls) - 1)
+                    if not nan:
+                        forced.append(True)
+                        return None
                     return output * float("nan")
         head.register_forward_hook(hook)
     monkeypatch.setattr(loop.Feed, "__init__", init)
@@ -206,21 +218,31 @@ def _redone_by_epoch(stderr: str, epochs: int) -> list[int]:
 
 def test_a_bf16_step_that_is_not_finite_is_done_again_in_fp32_and_training_goes_on(artifacts, tmp_path, monkeypatch,
                                                                                     capfd):
-    # bf16 kernels can give a result that is not finite by themselves (on the AVX2 CI machine a clean run
-    # redid 2 of its 9 steps), so the test counts those from the step's own lines rather than assuming none.
-    augment(artifacts / "data", tmp_path / "still", policy_cfg(**STILL))
-    clean, _ = _train(artifacts, tmp_path, "clean", prefix_cache=False, precision="bf16")
+    # The reference is the same run with the same step done in fp32 and nothing poisoned: the NaN must
+    # leave no trace (not in the weights, BatchNorm's statistics, the optimiser or the losses). At 32 px,
+    # not 16: with torch 2.14.1 on x86, bf16's weight gradient of a stride-2 3x3 convolution whose input is
+    # 1x1 (layer4.0.conv1 at 16 px) comes back with garbage in two padding taps (up to 1e31, or NaN, or
+    # finite and wrong), differently from run to run; at 2x2 and above it is right. Redoing only the steps
+    # that are not finite would not make two such runs equal.
+    augment(artifacts / "data", tmp_path / "still", policy_cfg(**{**STILL, "image_size": 32}))
+    epoch2_step3 = lambda steps, autocast: autocast and steps == 6  # noqa: E731
+    with monkeypatch.context() as m:
+        _, chosen = _poison(m, epoch2_step3, nan=False)
+        reference, w_reference = _train(artifacts, tmp_path, "reference", prefix_cache=False, precision="bf16")
     capfd.readouterr()
-    calls, poisoned = _poison(monkeypatch, lambda steps, autocast: autocast and steps == 6)  # epoch 2, step 3
-    redone, _ = _train(artifacts, tmp_path, "redone", prefix_cache=False, precision="bf16")
+    calls, poisoned = _poison(monkeypatch, epoch2_step3)
+    redone, w_redone = _train(artifacts, tmp_path, "redone", prefix_cache=False, precision="bf16")
     err = capfd.readouterr().err
     assert len(poisoned) == 1 and calls[poisoned[0]:poisoned[0] + 3] == [True, False, True]  # again in fp32
+    assert chosen == poisoned  # the reference redid the very same forward pass
     counts = [r["redone_in_fp32"] for r in redone]
-    assert counts == _redone_by_epoch(err, 3) and "redone_in_fp32" in clean[0]  # the metric counts each redo
+    assert counts == _redone_by_epoch(err, 3)  # the metric counts each redo
     assert counts[1] - counts[0] >= 1  # epoch 2's poisoned step among them
     assert counts[-1] >= calls.count(False) >= 1  # every fp32 training pass was a counted redo (so can evaluation be)
-    # one step in fp32 instead of bf16: the run within bf16's own tolerance of the clean one
-    assert [r["val_loss"] for r in redone] == pytest.approx([r["val_loss"] for r in clean], rel=2e-2)
+    assert [r["redone_in_fp32"] for r in reference] == counts
+    assert [(r["train_loss"], r["val_loss"]) for r in redone] == [(r["train_loss"], r["val_loss"]) for r in reference]
+    assert w_redone.keys() == w_reference.keys()
+    assert all(torch.equal(w_redone[k], w_reference[k]) for k in w_reference)  # running statistics included
 
 
 def test_a_step_that_stays_not_finite_in_fp32_stops_the_run_as_divergence_does(artifacts, tmp_path, monkeypatch):
