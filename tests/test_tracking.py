@@ -26,10 +26,14 @@ def _finetune_process(artifacts, **finetune_changes) -> subprocess.Popen:
     raw["finetune"].update({**PLAIN_TRAINING, "batch_size": 16, **finetune_changes})
     raw["tracking"].update(experiment=EXPERIMENT, system_metrics=False)
     (artifacts / "params.yaml").write_text(yaml.safe_dump(raw))
+    # as a terminal's foreground process has it: SIGINT at its default, even when the tests themselves were
+    # started in the background of a script, which ignores SIGINT (a shell without job control does that,
+    # and Python then keeps it ignored: no KeyboardInterrupt)
     return subprocess.Popen([sys.executable, "-m", "components.finetune", "--params", str(artifacts / "params.yaml"),
                              "--dataset", str(artifacts / "data"), "--policy", str(artifacts / "aug"),
                              "--weights", str(artifacts / "pre"), "--out", str(artifacts / "model")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_epochs(client, process, epochs: int, timeout: float = 180):
