@@ -103,7 +103,7 @@ $(PEERS): benchmarks/requirements-peers.txt
 	rm -rf build/peers && $(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target build/peers -r $< \
 		&& touch $@
 
-bench-speed: setup $(PEERS)   ## the fine-tune step against the tutorial, Lightning, a careful loop and the FLOP limit (~50 min)
+bench-speed: setup $(PEERS)   ## the fine-tune step against the tutorial, Lightning, a careful loop and the FLOP limit (~95 min)
 	python benchmarks/finetune_speed.py
 
 bench-scale: setup            ## the steps on 1,000, 5,000 and 20,000 photos, and under a memory limit (~60 min)

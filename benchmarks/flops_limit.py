@@ -3,6 +3,7 @@ measured convolution and matrix throughput.
 
     .venv/bin/python benchmarks/flops_limit.py --arch resnet18 --frozen layer4 --train 840 --val 180 --epochs 2
     .venv/bin/python benchmarks/flops_limit.py --stages   # and the rate each frozen stage achieves
+    .venv/bin/python benchmarks/flops_limit.py --library timm --arch efficientnet_lite0 --frozen blocks.4 --stages
 
 The work (counted with torch.utils.flop_counter.FlopCounterMode, multiply-adds as two FLOPs): the frozen
 layers' forward once over the validation split and once per augmented copy of the training split (as
@@ -57,11 +58,25 @@ def machine_rates(threads: int, bf16: bool) -> dict:
     return {"conv_flop_per_s": conv_rate, "matmul_flop_per_s": mm_rate, "precision": "bf16" if bf16 else "fp32"}
 
 
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, **_) -> int:
+    """A convolution's gradients, each as many multiply-adds as its forward pass (the weight's shape
+    carries the groups). torch 2.14.1's own formula (torch/utils/flop_counter.py, conv_backward_flop,
+    the grad_weight branch) leaves the groups out and counts a depthwise convolution's weight gradient
+    as a dense one's: efficientnet_lite0's trained blocks came out at 54x their forward pass."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    return (bool(output_mask[0]) + bool(output_mask[1])) * conv_flop_count(x_shape, w_shape, grad_out_shape,
+                                                                           transposed)
+
+
 def _count(fn) -> dict:
     """FLOPs of one call by kind: convolution (forward and backward) and matrix products."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    backward = {torch.ops.aten.convolution_backward: _conv_backward_flop}
+    with FlopCounterMode(display=False, custom_mapping=backward) as counter:
         fn()
     kinds = {"conv": 0, "matmul": 0}
     for op, flops in counter.get_flop_counts().get("Global", {}).items():
@@ -69,7 +84,7 @@ def _count(fn) -> dict:
     return kinds
 
 
-def per_image(arch: str, frozen: str, classes: int) -> dict:
+def per_image(arch: str, frozen: str, classes: int, library: str = "torchvision") -> dict:
     """FLOPs per 224-px image of the frozen prefix's forward, the trained suffix's forward, and its
     forward and backward."""
     import torch
@@ -78,7 +93,7 @@ def per_image(arch: str, frozen: str, classes: int) -> dict:
 
     from components.models import architectures as models
 
-    model = models.build(arch, classes)
+    model = models.build(arch, classes, library)
     backbone, head = _split(model, arch, frozen)
     batch = 4
     x = torch.randn(batch, 3, 224, 224)
@@ -95,7 +110,7 @@ def per_image(arch: str, frozen: str, classes: int) -> dict:
     return {k: {kind: v / batch for kind, v in c.items()} for k, c in counts.items()}
 
 
-def stage_rates(arch: str, frozen: str, threads: int, batch: int = 32) -> list[dict]:
+def stage_rates(arch: str, frozen: str, threads: int, batch: int = 32, library: str = "torchvision") -> list[dict]:
     """What the frozen prefix's stages achieve: FLOP/s of each top-level stage's forward (inference mode,
     channels_last, fp32) on a batch of 224-px images, against which the machine's rate is the limit."""
     import torch
@@ -104,7 +119,7 @@ def stage_rates(arch: str, frozen: str, threads: int, batch: int = 32) -> list[d
     from peers import _split
 
     torch.set_num_threads(threads)
-    backbone, _ = _split(models.build(arch, 12), arch, frozen)
+    backbone, _ = _split(models.build(arch, 12, library), arch, frozen)
     backbone.eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     rows = []
@@ -120,10 +135,10 @@ def stage_rates(arch: str, frozen: str, threads: int, batch: int = 32) -> list[d
 
 
 def limit(arch: str, frozen: str, classes: int, train: int, val: int, epochs: int, copies: int, batch: int,
-          rates: dict) -> dict:
+          rates: dict, library: str = "torchvision") -> dict:
     """The work's FLOPs and the seconds they take at the machine's rates: the work of a run that caches
     the frozen layers' features (the least a run must do; a peer that does not cache does more)."""
-    f = per_image(arch, frozen, classes)
+    f = per_image(arch, frozen, classes, library)
     trained = train // batch * batch if train > batch else train  # the last partial batch is dropped
     n = {"prefix": val + min(copies, epochs) * train, "suffix_fwd_bwd": epochs * trained, "suffix_fwd": epochs * val}
     flops = {kind: sum(n[part] * f[part][kind] for part in n) for kind in ("conv", "matmul")}
@@ -136,6 +151,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--frozen", default="layer4")
+    parser.add_argument("--library", choices=["torchvision", "timm"], default="torchvision")
     parser.add_argument("--classes", type=int, default=12)
     parser.add_argument("--train", type=int, default=840)
     parser.add_argument("--val", type=int, default=180)
@@ -149,10 +165,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rates = machine_rates(args.threads, args.bf16)
     if args.stages:
-        for row in stage_rates(args.arch, args.frozen, args.threads):
+        for row in stage_rates(args.arch, args.frozen, args.threads, library=args.library):
             print(f"{row['stage']}: {row['gflop_per_image']:.3f} GFLOP an image, {row['gflop_per_s']:.0f} GFLOP/s")
     print(json.dumps({**rates, **limit(args.arch, args.frozen, args.classes, args.train, args.val, args.epochs,
-                                       args.copies, args.batch, rates)}, indent=2))
+                                       args.copies, args.batch, rates, args.library)}, indent=2))
     return 0
 
 

@@ -1,6 +1,7 @@
 """What a user would write instead of the fine-tune step: one training run of a peer, in this process.
 
     .venv/bin/python benchmarks/peers.py careful --data D --weights W --arch resnet18 --frozen layer4 --epochs 2
+    .venv/bin/python benchmarks/peers.py careful ... --library timm --arch efficientnet_lite0 --frozen blocks.4
 
 Every peer trains the same network from the same checkpoint with the same layers frozen (those before
 --frozen), a new head, SGD (lr 0.01, momentum 0.9, weight decay 1e-4), batch size (the last partial batch
@@ -73,13 +74,12 @@ def _files(data: Path, split: str, tf, classes: list[str]):
 
 def _network(args, classes: int):
     """The checkpoint's network with a new head."""
-    import torchvision
     from torch import nn
 
     from components.artifacts import weights
     from components.models import architectures as models
 
-    model = torchvision.models.get_model(args.arch, weights=None, num_classes=1000)
+    model = models.build(args.arch, 1000, args.library)  # torchvision.models.get_model or timm.create_model
     model.load_state_dict(weights.load(args.weights).state_dict)
     head = models.head_name(model)
     parent, _, leaf = head.rpartition(".")
@@ -104,6 +104,10 @@ def _split(model, arch: str, frozen: str):
         at = int(frozen.removeprefix("features."))
         backbone = model.features[:at]
         head = nn.Sequential(*model.features[at:], model.avgpool, nn.Flatten(1), model.classifier)
+    elif arch.startswith("efficientnet") and hasattr(model, "conv_stem"):  # timm's: forward_features, forward_head
+        at = int(frozen.removeprefix("blocks."))
+        backbone = nn.Sequential(model.conv_stem, model.bn1, *model.blocks[:at])
+        head = nn.Sequential(*model.blocks[at:], model.conv_head, model.bn2, model.global_pool, model.classifier)
     else:
         raise SystemExit(f"peers: no split written for {arch}")
     before = {id(p) for name in models.modules_before(model, frozen) for p in model.get_submodule(name).parameters()}
@@ -258,6 +262,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--arch", required=True)
+    parser.add_argument("--library", choices=["torchvision", "timm"], default="torchvision")
     parser.add_argument("--frozen", required=True)
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--batch", type=int, default=32)

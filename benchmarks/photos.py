@@ -86,13 +86,13 @@ def zoo(path: Path, arch: str, photos: Path) -> Path:
     return path
 
 
-def params(photos: Path, zoo_file: Path, arch: str, experiment: str) -> dict:
+def params(photos: Path, zoo_uri: str | Path, arch: str, experiment: str) -> dict:
     """params.yaml for the photographs at 224 px: ImageNet-style augmentation, the zoo file, no system metrics."""
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["data"].update(source=str(photos))
     p["augment"].update(image_size=224, resize_scale=[0.08, 1.0], resize_ratio=[0.75, 4 / 3], hflip=0.5,
                         rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
-    p["pretrained"].update(uri=str(zoo_file), arch=arch, sha256="")
+    p["pretrained"].update(uri=str(zoo_uri), arch=arch, sha256="")
     p["tracking"].update(experiment=experiment, system_metrics=False)
     return p
 
