@@ -45,10 +45,10 @@ LIBRARY = {"efficientnet_lite0": "timm"}  # the others are torchvision's
 
 def _zoo(work: Path, arch: str, raw: Path) -> str:
     """pretrained.uri of `arch`'s zoo checkpoint: real ImageNet weights for timm's efficientnet_lite0."""
-    if arch == "efficientnet_lite0":
-        from pipelines import imagenet_zoo
+    from pipelines import imagenet_zoo
 
-        path = work / "efficientnet_lite0-imagenet.pt"
+    if arch == imagenet_zoo.ARCH:
+        path = work / f"{arch}-imagenet.pt"
         if not path.exists():
             imagenet_zoo.build(path)
         return f"timm://{arch}?weights={path}"
@@ -60,8 +60,9 @@ def prepare(work: Path, images: int, arch: str) -> dict:
     raw = work / "photos"
     if not raw.exists():
         photos.make(raw, images)
+    library = LIBRARY.get(arch, "torchvision")
     params = photos.params(raw, _zoo(work, arch, raw), arch, "finetune-speed")
-    params["pretrained"]["library"] = LIBRARY.get(arch, "torchvision")
+    params["pretrained"]["library"] = library
     env = photos.env(work)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     for step, args in (("data", ["--out", str(work / "data")]),
@@ -70,7 +71,7 @@ def prepare(work: Path, images: int, arch: str) -> dict:
         if not (work / args[-1]).exists():
             subprocess.run([sys.executable, "-m", f"components.{step}", "--params", str(work / "params.yaml"), *args],
                            check=True, env=env, cwd=work, capture_output=True)
-    return {"params": params, "env": env}
+    return {"params": params, "env": env, "library": library}
 
 
 def run_ours(work: Path, setup: dict, arch: str, epochs: int, batch: int, frozen: str, threads: int,
@@ -117,7 +118,7 @@ def run_peer(peer: str, work: Path, setup: dict, arch: str, epochs: int, batch: 
     started = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb=%M", sys.executable, str(ROOT / "benchmarks" / "peers.py"),
                            peer, "--data", str(work / "data"), "--weights", str(work / f"pre-{arch}"),
-                           "--arch", arch, "--library", LIBRARY.get(arch, "torchvision"), "--frozen", frozen,
+                           "--arch", arch, "--library", setup["library"], "--frozen", frozen,
                            "--epochs", str(epochs), "--batch", str(batch),
                            "--threads", str(threads), "--work", str(work / f"{peer}-root")],
                           env=env, capture_output=True, text=True)
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
         n_train, n_val = (len(dataset.images(work / "data", split)) for split in ("train", "val"))
         for epochs in args.epochs:
             bound = limit(arch, FROZEN[arch], 12, n_train, n_val, epochs, copies, args.batch, rates,
-                          LIBRARY.get(arch, "torchvision"))
+                          setup["library"])
             runs = {name: [] for name in variants}
             for r in range(args.repeats):  # interleaved, so a slow minute of the machine hits every variant
                 for name, fn in variants.items():
