@@ -13,6 +13,7 @@ MLflow's INFO lines and artifact progress bars are left out unless --verbose.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import re
@@ -97,3 +98,18 @@ def run(main, argv: list[str] | None = None) -> int:
             return 1
         print(f"{step}: error: {describe(err)}", file=sys.stderr)
         return code
+
+
+def run_process(main) -> None:
+    """`run(main)` as the whole of a step's process (`python -m components.<step>`), then exit with its code.
+
+    What the process built is left out of the collector's sweep at exit (gc.freeze): with torch and MLflow
+    loaded that sweep took 1.2-1.4 s of a fine-tune process's end against 0.3 s frozen (a 2-epoch resnet18
+    run, 650,000 tracked objects). Refcounting still frees the rest, atexit handlers still run and the
+    standard streams are flushed; only objects in reference cycles keep their memory until the process
+    goes, and their __del__ is not called, which Python does not promise at exit anyway (its data model,
+    object.__del__). Not for a caller that goes on living, as tests calling `run` in-process do.
+    """
+    code = run(main)
+    gc.freeze()
+    sys.exit(code)

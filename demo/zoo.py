@@ -60,4 +60,4 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from components import cli
 
-    sys.exit(cli.run(main))
+    cli.run_process(main)

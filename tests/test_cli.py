@@ -103,3 +103,32 @@ def test_a_full_disk_is_one_line_naming_the_file_with_exit_code_7(tmp_path):
         assert proc.returncode == 7, proc.stderr
         assert _one_line(proc) == f"fetch_pretrained: error: {disk / 'pre' / 'weights.pt'}: no space left on the disk"
         assert list(disk.iterdir()) == []  # nothing half-written left behind
+
+
+def test_a_step_process_ends_without_sweeping_what_it_built_and_keeps_its_code_and_output(tmp_path):
+    """run_process: the collector's last sweep is skipped (a cycle's __del__ is not called at exit), while
+    the exit code, atexit handlers, buffered output and a file the step wrote are all as with sys.exit."""
+    script = tmp_path / "step.py"
+    script.write_text(
+        "import atexit, sys\n"
+        "from components import cli\n"
+        "class Cycle:\n"
+        "    def __del__(self):\n"
+        "        print('swept at exit')\n"
+        "def main(argv):\n"
+        "    c = Cycle(); c.me = c\n"
+        "    atexit.register(lambda: print('atexit ran', flush=True))\n"
+        f"    open({str(tmp_path / 'out.txt')!r}, 'w').write('written')\n"
+        "    sys.stdout.write('buffered output')\n"
+        "    return int(argv[-1])\n"
+        "if sys.argv[1] == 'plain':\n"
+        "    sys.exit(cli.run(main))\n"
+        "cli.run_process(main)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    plain = subprocess.run([sys.executable, str(script), "plain", "3"], capture_output=True, text=True, env=env)
+    assert plain.returncode == 3 and "swept at exit" in plain.stdout  # what the test tells apart
+    proc = subprocess.run([sys.executable, str(script), "process", "3"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 3, proc.stderr
+    assert "buffered output" in proc.stdout and "atexit ran" in proc.stdout
+    assert "swept at exit" not in proc.stdout
+    assert (tmp_path / "out.txt").read_text() == "written"

@@ -328,3 +328,29 @@ def test_cached_batches_know_their_count_so_the_batch_bar_has_a_total(tmp_path):
     (x0, y0), *_ = list(batches)
     assert x0.tolist() == [[12.0, 13.0, 14.0], [0.0, 1.0, 2.0]] and y0.tolist() == [1, 0]
     assert len(list(batches)) == 3  # iterable again, as an epoch's loop may
+
+
+def test_decoding_a_batch_in_threads_gives_the_very_batches_of_one_thread(artifacts, monkeypatch):
+    """A loader without worker processes decodes a batch's images in threads (decode_threads); the seeded
+    augmentations still run in order in the loader's thread, so every sample is bit for bit the same."""
+    import pickle
+    import threading
+    from components.training.loaders import make_loaders
+
+    loaded_in, load = set(), dataset.load
+    monkeypatch.setattr(dataset, "load", lambda image: loaded_in.add(threading.current_thread().name) or load(image))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    policy, names = load_policy(artifacts / "aug"), ["circle", "square", "triangle"]
+    runs = {}
+    for workers in (0, 1):
+        cfg = finetune_cfg(batch_size=16, num_workers=workers, seed=5)
+        train, val = make_loaders(artifacts / "data", policy, cfg, names)
+        assert train.dataset.decode_threads == val.dataset.decode_threads == (2 if workers == 0 else 1)
+        loaded_in.clear()
+        runs[workers] = [batch for loader in (train, val) for batch in loader]
+        if workers == 0:  # the images were decoded by the pool, not by this thread
+            assert loaded_in and all(name.startswith("decode") for name in loaded_in)
+            pickle.dumps(train.dataset)  # a split whose pool has started still goes to a worker process
+    assert len(runs[0]) == len(runs[1]) > 2
+    for (x0, y0), (x1, y1) in zip(runs[0], runs[1]):
+        assert torch.equal(y0, y1) and torch.equal(x0, x1)
