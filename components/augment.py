@@ -9,7 +9,6 @@ transforms (components/training/transforms.py), and a preview grid of originals 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 # B403: only to catch pickle.UnpicklingError from torch.load(weights_only=True)
 import pickle  # nosec B403
-import sys
 from pathlib import Path
 
 import torch

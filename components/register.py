@@ -22,7 +22,6 @@ after a failure anywhere in between reuses the run's version and completes the r
 from __future__ import annotations
 
 import argparse
-import sys
 
 from components.artifacts import registration, reports
 from components.artifacts.reports import Verdict

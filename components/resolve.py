@@ -14,7 +14,6 @@ checkpoint is hashed).
 from __future__ import annotations
 
 import argparse
-import sys
 
 from components.config import DataConfig, PretrainedConfig, load_params
 from components.models import zoo

@@ -9,7 +9,6 @@ fine-tunes on (demo.target_classes).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -9,7 +9,6 @@ pretrained model.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 

@@ -7,7 +7,6 @@ run there without training again."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from components.config import load_params
 from components.storage.atomic import write_json
