@@ -15,7 +15,9 @@ the two thirds of its stages that the pipeline's own-data set-up freezes).
   limit     the FLOPs the work needs over the machine's measured throughput (benchmarks/flops_limit.py)
 Same architecture, frozen layers, batch size, epochs, augmentation, image size (224) and threads for
 all; runs interleaved (tutorial, lightning, careful, ours, tutorial, ...), each in a fresh process,
-timed as a whole process (start-up and imports included). Prints a Markdown table, writes
+timed as a whole process (start-up and imports included); run r of every variant uses seed r
+(finetune.seed for ours, torch.manual_seed for a peer), so the accuracy column is a mean over seeds with
+each seed's figure, not one seed's draw. Prints a Markdown table, writes
 benchmarks/results/finetune_speed.json. Measures; asserts nothing.
 """
 
@@ -74,13 +76,13 @@ def prepare(work: Path, images: int, arch: str) -> dict:
     return {"params": params, "env": env, "library": library}
 
 
-def run_ours(work: Path, setup: dict, arch: str, epochs: int, batch: int, frozen: str, threads: int,
+def run_ours(work: Path, setup: dict, arch: str, epochs: int, batch: int, frozen: str, threads: int, seed: int,
              changes: dict | None = None) -> dict:
     params = json.loads(json.dumps(setup["params"]))
     params["finetune"].update({"freeze": [], "freeze_until": frozen, "reinit": [], "unfreeze": [], "lr_groups": [],
                                "lr": 0.01, "optimizer": "sgd", "schedule": "constant", "warmup_epochs": 0,
                                "batch_size": batch, "max_epochs": epochs, "patience": epochs, "checkpoint_dir": "",
-                               **(changes or {})})
+                               "seed": seed, **(changes or {})})
     path = work / f"ours-{arch}-{epochs}.yaml"
     path.write_text(yaml.safe_dump(params))
     out = work / f"model-{arch}-{epochs}"
@@ -109,7 +111,7 @@ PEERS_LIB = ROOT / "build" / "peers"  # pytorch-lightning, installed apart (benc
 
 
 def run_peer(peer: str, work: Path, setup: dict, arch: str, epochs: int, batch: int, frozen: str,
-             threads: int) -> dict:
+             threads: int, seed: int) -> dict:
     env = {**setup["env"], "OMP_NUM_THREADS": str(threads)}
     if peer == "lightning":
         if not (PEERS_LIB / "pytorch_lightning").is_dir():
@@ -120,7 +122,7 @@ def run_peer(peer: str, work: Path, setup: dict, arch: str, epochs: int, batch: 
                            peer, "--data", str(work / "data"), "--weights", str(work / f"pre-{arch}"),
                            "--arch", arch, "--library", setup["library"], "--frozen", frozen,
                            "--epochs", str(epochs), "--batch", str(batch),
-                           "--threads", str(threads), "--work", str(work / f"{peer}-root")],
+                           "--threads", str(threads), "--seed", str(seed), "--work", str(work / f"{peer}-root")],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
@@ -173,9 +175,11 @@ def main(argv=None) -> int:
             bound = limit(arch, FROZEN[arch], 12, n_train, n_val, epochs, copies, args.batch, rates,
                           setup["library"])
             runs = {name: [] for name in variants}
-            for r in range(args.repeats):  # interleaved, so a slow minute of the machine hits every variant
+            # interleaved, so a slow minute of the machine hits every variant; run r of each with seed r, so
+            # the accuracies show how far a seed moves them and the time stays the median of equal work
+            for r in range(args.repeats):
                 for name, fn in variants.items():
-                    res = fn(work, setup, arch, epochs, args.batch, FROZEN[arch], args.threads)
+                    res = fn(work, setup, arch, epochs, args.batch, FROZEN[arch], args.threads, seed=r)
                     runs[name].append(res)
                     print(f"{arch} {epochs} epochs run {r + 1} {name}: {res['total_s']:.1f} s, "
                           f"val acc {res['val_accuracy']:.3f}, peak {res['peak_bytes'] / 2**20:.0f} MiB", flush=True)
@@ -197,19 +201,19 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps({"machine": f"{os.cpu_count()} CPUs", "images": args.images,
                                     "repeats": args.repeats, "threads": args.threads, "rates": rates,
                                     "results": results}, indent=2) + "\n")
-    print("\n| arch | epochs | run | total s (median, spread) | x ours | x limit | peak MiB | val accuracy: last "
-          "epoch (model delivered) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| arch | epochs | run | total s (median, spread) | x ours | x limit | peak MiB | val accuracy, last "
+          f"epoch: mean (seeds 0-{args.repeats - 1}) | model delivered: mean |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if r["variant"] == "limit":
             print(f"| {r['arch']} | {r['epochs']} | limit ({r['precision']}: {sum(r['gflops'].values()):.0f} GFLOP) | "
-                  f"{r['total_s_median']:.1f} | | 1 | | |")
+                  f"{r['total_s_median']:.1f} | | 1 | | | |")
         else:
             lo, hi = r["total_s_spread"]
             print(f"| {r['arch']} | {r['epochs']} | {r['variant']} | {r['total_s_median']:.1f} ({lo:.1f}-{hi:.1f}) | "
                   f"{r['over_ours']:.2f} | {r['over_limit']:.2f} | {r['peak_mib']:.0f} | "
-                  f"{' '.join(f'{a:.3f}' for a in r['val_accuracy'])} "
-                  f"({' '.join(f'{a:.3f}' for a in r['delivered_val_accuracy'])}) |")
+                  f"{statistics.mean(r['val_accuracy']):.3f} ({' '.join(f'{a:.3f}' for a in r['val_accuracy'])}) | "
+                  f"{statistics.mean(r['delivered_val_accuracy']):.3f} |")
     if tmp:
         tmp.cleanup()
     return 0

@@ -268,6 +268,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--work", type=Path, default=Path("."))
+    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed: the head's weights, the order, "
+                                                            "the augmentations")
     args = parser.parse_args(argv)
 
     import torch
@@ -276,7 +278,7 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     epoch_s, accs = PEERS[args.peer](args, dataset.read_report(args.data)["classes"])
     # a peer delivers its last epoch's weights (none of them keeps the best)
     print(json.dumps({"total_s": time.perf_counter() - started, "epoch_s": epoch_s, "val_accuracy": accs[-1],
