@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,8 +28,12 @@ def params():
 
 @pytest.fixture(autouse=True)
 def _no_stray_stores(monkeypatch, tmp_path_factory):
-    """A test that forgets to choose an MLflow store writes into a temporary one, never mlflow.db here."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}")
+    """A test that forgets to choose an MLflow store writes into a temporary one, never mlflow.db here;
+    removed after the test (MLflow's tables alone are about 1 MB, times every test)."""
+    store = tmp_path_factory.mktemp("store")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    yield
+    shutil.rmtree(store, ignore_errors=True)
 
 
 @pytest.fixture
