@@ -8,17 +8,19 @@ components/, so the product's stages do not depend on it, nor it on their edits 
 """
 
 
-def command_line(argv, description: str, names: tuple[str, str], help: str):
-    """A demo command's two paths, and params.yaml with its `demo` section (or a configuration error)."""
+def command_line(argv, description: str, paths: dict[str, str]):
+    """A demo command's paths (`paths`: each one's name and help), and params.yaml with its `demo` section
+    (or a configuration error)."""
     import argparse
 
     from components.config import ConfigError, load_params
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="parameters file (section: demo)")
-    parser.add_argument("paths", nargs=2, metavar=names, help=help)
+    for name, text in paths.items():  # one each: argparse's help fails on nargs=2 with a tuple metavar
+        parser.add_argument(name.lower(), metavar=name, help=text)
     args = parser.parse_args(argv)
     params = load_params(args.params)
     if params.demo is None:
         raise ConfigError(f"{args.params}: no `demo` section: the demo stages need it")
-    return args.paths, params
+    return [getattr(args, name.lower()) for name in paths], params

@@ -38,8 +38,9 @@ def export_digits(classes: list[int], out: str | Path) -> int:
 
 
 def main(argv=None) -> int:
-    (source, target), params = command_line(argv, __doc__.splitlines()[0], ("SOURCE", "TARGET"),
-                                            "folders for demo.source_classes and demo.target_classes")
+    (source, target), params = command_line(argv, __doc__.splitlines()[0], {
+        "SOURCE": "folder to write demo.source_classes' digits to",
+        "TARGET": "folder to write demo.target_classes' digits to"})
     n_source = export_digits(params.demo.source_classes, source)
     n_target = export_digits(params.demo.target_classes, target)
     print(f"demo: exported {n_source} source and {n_target} target digit images")

@@ -48,8 +48,8 @@ def publish_source_model(source: str | Path, out: str | Path, params: Params) ->
 
 
 def main(argv=None) -> int:
-    (source, out), params = command_line(argv, __doc__.splitlines()[0], ("SOURCE", "OUT"),
-                                         "ImageFolder of the source task, checkpoint file to write")
+    (source, out), params = command_line(argv, __doc__.splitlines()[0], {
+        "SOURCE": "ImageFolder of the source task", "OUT": "checkpoint file to write"})
     best = publish_source_model(source, out, params)
     print(f"demo: published {out} (best epoch {best['epoch']}, "
           f"val accuracy {best['val_accuracy']:.3f} on the source task)")
