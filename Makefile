@@ -103,10 +103,11 @@ $(PEERS): benchmarks/requirements-peers.txt
 	rm -rf build/peers && $(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target build/peers -r $< \
 		&& touch $@
 
-bench-speed: setup $(PEERS)   ## the fine-tune step against the tutorial, Lightning, a careful loop and the FLOP limit (~95 min)
+bench-speed: setup $(PEERS)   ## README "Speed": against the tutorial, Lightning, a careful loop, the FLOP limit; scale rows
 	python benchmarks/finetune_speed.py
+	python benchmarks/scale.py
 
-bench-scale: setup            ## the steps on 1,000, 5,000 and 20,000 photos, and under a memory limit (~60 min)
+bench-scale: setup            ## the scale rows alone: the steps on 1,000 to 20,000 photos, under a memory limit
 	python benchmarks/scale.py
 
 bench-serve: setup            ## the registered model served to 32 concurrent clients, 1 and 2 workers (~12 min)

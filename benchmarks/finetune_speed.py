@@ -1,6 +1,6 @@
 """How fast is the fine-tune step? Against what users would write instead, and the machine's limit.
 
-    .venv/bin/python benchmarks/finetune_speed.py   # = make bench-speed: resnet18 and efficientnet_lite0, 2 and 10 epochs
+    .venv/bin/python benchmarks/finetune_speed.py   # make bench-speed: resnet18, efficientnet_lite0; 2, 10 epochs
     .venv/bin/python benchmarks/finetune_speed.py --archs efficientnet_lite0   # timm's, with ImageNet weights, alone
     .venv/bin/python benchmarks/finetune_speed.py --images 3000 --epochs 2 --archs resnet18 mobilenet_v3_large
     .venv/bin/python benchmarks/finetune_speed.py --set prefix_copies=1 --out /tmp/copies1.json  # another lever setting

@@ -1,6 +1,6 @@
 """How the pipeline's cost grows with the number of images, and a dataset larger than the fine-tune's memory.
 
-    .venv/bin/python benchmarks/scale.py        # = make bench-scale: 1,000, 5,000, 20,000 photos (~60 min)
+    .venv/bin/python benchmarks/scale.py        # = make bench-scale, and the end of make bench-speed (~60 min)
     .venv/bin/python benchmarks/scale.py --images 500 1000 --memory-limit-mib 0   # a quick look, no limit run
 
 For each size: real-sized JPEGs (benchmarks/photos.py, 500x375), then the steps as the pipeline runs
